@@ -13,3 +13,4 @@ if [ "$before" != "$after" ]; then
   exit 1
 fi
 echo "sync: package and notebooks agree"
+.venv/bin/python scripts/readme.py --check

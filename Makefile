@@ -10,9 +10,10 @@ setup:
 
 run: setup
 	@status=0; $(BIN)/llmlit run all --preset quick || status=$$?; \
+	$(BIN)/llmlit report >/dev/null; \
 	$(MAKE) --no-print-directory docs; \
 	echo "Site: $(CURDIR)/_docs/index.html"; \
-	$(BIN)/llmlit report; exit $$status
+	$(BIN)/llmlit report --no-write; exit $$status
 
 test: setup
 	@start=$$(date +%s); \

@@ -8,13 +8,13 @@ Docs: https://llmlit.github.io/llmlit/core.html.md"""
 __all__ = ['IN_TEST', 'get_device', 'get_dtype', 'seed_everything', 'progress', 'project_root', 'results_dir', 'git_commit',
            'env_info', 'save_result', 'load_results', 'compare_presets', 'check_choice']
 
-# %% ../nbs/00_core.ipynb #005d42a4
+# %% ../nbs/00_core.ipynb #9b2e51a9
 import json, math, os, platform, random, subprocess, tempfile, time
 from importlib.metadata import version as _pkg_version, PackageNotFoundError
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars: tqdm.auto would need ipywidgets and store widget state in outputs
 
 # %% ../nbs/00_core.ipynb #a1c5d7a7
 def get_device(device=None):

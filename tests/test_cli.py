@@ -1,0 +1,108 @@
+"The `llmlit` command on a temporary checkout with tiny method notebooks (each run starts a kernel: ~2-4 s)"
+import json, shutil, subprocess, sys
+from pathlib import Path
+import nbformat, pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from llmlit.cli import main
+from llmlit.experiments import get_method
+
+PARAMS = "preset = 'quick'  # 'quick' or 'full'\nn_steps = 10  # steps\nlr = 0.5  # step size\ntag = 'a'  # free text"
+BODY = """PRESETS = dict(quick=dict(mult=1), full=dict(mult=100))
+from llmlit.core import save_result
+score = n_steps * lr * PRESETS[preset]['mult']
+rows = [dict(claim='{name} claim', paper=2.5, ours=score, verdict='falls short' if score < 2.5 else 'matches')]
+save_result(dict(score=score, tag=tag, reproduction=rows), '{name}', preset, params=dict(n_steps=n_steps))"""
+
+def make_method(nbs, name, num, fail=False):
+    "A tiny method notebook `nbs/{num}_{name}.ipynb`; with `fail` it raises after saving its result"
+    params = new_code_cell(PARAMS, metadata=dict(tags=['parameters']))
+    body = BODY.replace('{name}', name) + ("\nraise RuntimeError('boom')" if fail else '')
+    nb = new_notebook(cells=[new_markdown_cell(f'# {name}'), new_code_cell(f'#| default_exp {name}'), params, new_code_cell(body)],
+                      metadata=dict(kernelspec=dict(name='python3', language='python', display_name='Python 3')))
+    nbs.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, nbs/f'{num}_{name}.ipynb')
+
+def cli(root, *argv, capsys=None):
+    "Run `llmlit --root root ...`: (exit code, stdout, stderr)"
+    code = main(['--root', str(root), *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+@pytest.fixture
+def root(tmp_path):
+    "A checkout with one working method, `toy`, and a foundation notebook that is not a method"
+    make_method(tmp_path/'nbs', 'toy', 10)
+    shutil.copy(tmp_path/'nbs/10_toy.ipynb', tmp_path/'nbs/00_core.ipynb')
+    return tmp_path
+
+@pytest.fixture(scope='module')
+def ran_all(tmp_path_factory):
+    "`llmlit run all` on a checkout where `good` works and `bad` fails: (root, exit code, stdout)"
+    root = tmp_path_factory.mktemp('all')
+    make_method(root/'nbs', 'bad', 10, fail=True); make_method(root/'nbs', 'good', 20)
+    code = main(['--root', str(root), 'run', 'all', '--preset', 'full'])
+    return root, code
+
+def test_list_shows_methods_and_presets(root, capsys):
+    code, out, _ = cli(root, 'list', capsys=capsys)
+    assert code == 0
+    line = next(l for l in out.splitlines() if 'toy' in l)
+    assert 'quick, full' in line and '10_toy.ipynb' in line and 'n_steps=10' in line
+    assert 'core' not in out
+
+def test_presets_from_comment_without_presets_dict(root):
+    nb = nbformat.read(root/'nbs/10_toy.ipynb', as_version=4)
+    nb.cells[3].source = nb.cells[3].source.replace('PRESETS =', 'CONFIGS =')
+    nb.cells[2].source = nb.cells[2].source.replace("'quick' or 'full'", "'quick', 'full' or 'huge'")
+    nbformat.write(nb, root/'nbs/10_toy.ipynb')
+    assert get_method('toy', root).presets == ['quick', 'full', 'huge']
+
+def test_run_with_param_writes_results(root, capsys):
+    code, out, err = cli(root, 'run', 'toy', '-p', 'n_steps=3', '-p', 'tag=42', capsys=capsys)
+    assert code == 0, out + err
+    rec = json.loads((root/'results/toy/quick.json').read_text())
+    assert rec['metrics']['score'] == pytest.approx(1.5) and rec['metrics']['tag'] == '42'
+    run_dir, = (root/'runs/toy').iterdir()
+    assert (run_dir/'10_toy.ipynb').exists() and (run_dir/'results/toy/quick.json').exists()
+    assert json.loads((run_dir/'run.json').read_text())['params'] == dict(n_steps=3, tag='42')
+    assert '1 methods: 1 ok, 0 failed' in out
+
+@pytest.mark.parametrize('argv,msg', [
+    (['-p', 'steps=3'], "unknown parameter 'steps' for method 'toy'; known parameters: preset, n_steps, lr, tag"),
+    (['-p', 'n_steps=abc'], "parameter 'n_steps' of method 'toy' expects int (default 10), got 'abc' of type str"),
+    (['-p', 'lr=fast'], "expects float"),
+    (['--preset', 'huge'], "unknown preset 'huge' for method 'toy'; known presets: quick, full"),
+    (['-p', 'n_steps'], "key=value")])
+def test_bad_params_exit_2_before_running(root, capsys, argv, msg):
+    code, _, err = cli(root, 'run', 'toy', *argv, capsys=capsys)
+    assert code == 2 and msg in err, err
+    assert not (root/'runs').exists() and not (root/'results').exists()
+
+def test_unknown_method(root, capsys):
+    code, _, err = cli(root, 'run', 'nope', capsys=capsys)
+    assert code == 2 and "unknown method 'nope'; known methods: toy" in err, err
+
+def test_console_script_exit_code(root):
+    exe = Path(sys.executable).parent/'llmlit'
+    if not exe.exists(): pytest.skip('console script not installed (pip install -e .)')
+    p = subprocess.run([str(exe), '--root', str(root), 'run', 'nope'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and 'known methods: toy' in p.stderr, p.stderr
+
+def test_run_all_keeps_results_of_the_others(ran_all):
+    root, code = ran_all
+    assert code == 1
+    assert json.loads((root/'results/good/full.json').read_text())['metrics']['score'] == pytest.approx(500.0)
+    assert not (root/'results/bad').exists()  # saved inside its run folder, never published
+    assert next((root/'runs/bad').glob('*/results/bad/full.json')).exists()
+    bad_run = json.loads(next((root/'runs/bad').glob('*/run.json')).read_text())
+    assert bad_run['ok'] is False and 'RuntimeError: boom' in bad_run['error']
+
+def test_report_has_reproduction_rows(ran_all, capsys):
+    root, _ = ran_all
+    code, out, _ = cli(root, 'report', capsys=capsys)
+    assert code == 0
+    page = (root/'nbs/reproductions.md').read_text()
+    for text in (out, page):
+        row = next(l for l in text.splitlines() if 'good claim' in l)
+        assert [c.strip() for c in row.strip('|').split('|')] == ['good', 'full', 'good claim', '2.5', '500', 'matches']
+    assert 'bad claim' not in page and page.startswith('---\ntitle: Reproductions\n')

@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The docs site's browser check needs Debian's chromium; KaTeX (libjs-katex) is served with the site for its math.
+if ! command -v chromium >/dev/null 2>&1 || [ ! -f /usr/share/javascript/katex/katex.min.js ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium and libjs-katex with apt-get (docs site and its browser check)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libjs-katex >/dev/null; } ||
+      echo "setup: apt-get could not install chromium libjs-katex; the docs browser check (make docs-check) will fail"
+  else
+    echo "setup: chromium or libjs-katex missing and no apt-get as root: install them for make docs-check (or set CHROMIUM=/path/to/chrome)"
+  fi
+fi
 stamp=.venv/.llmlit-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi

@@ -1,0 +1,223 @@
+"""llmlit.train: resume after SIGKILL, 2 processes vs 1, and the errors on bad input.
+
+The multi-process runs go through tests/_train_worker.py in subprocesses (plain python or torchrun with gloo on CPU)."""
+import json, math, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+import torch
+from datasets import Dataset
+from llmlit.models import tiny_llama, tiny_gpt2
+from llmlit.train import TrainConfig, train_causal_lm, pack_dataset, latest_checkpoint
+
+WORKER = Path(__file__).with_name('_train_worker.py')
+ROOT = WORKER.parent.parent
+BIN = Path(sys.executable).parent
+
+def _launch(out, *args, nproc=1):
+    "Start the worker (under torchrun when nproc > 1) writing its losses to `out`; one thread per process"
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT), 'TOKENIZERS_PARALLELISM': 'false'}
+    env.pop('IN_TEST', None)
+    cmd = [sys.executable, str(WORKER)] if nproc == 1 else \
+          [str(BIN/'torchrun'), '--standalone', f'--nproc_per_node={nproc}', str(WORKER)]
+    return subprocess.Popen(cmd + ['--out', str(out), *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def _result(proc, out, timeout=120):
+    "Wait for a worker and read its JSON, showing its output if it failed"
+    log, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, log[-3000:]
+    return json.loads(Path(out).read_text())
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+def test_resume_after_sigkill(tmp_path):
+    "Kill a checkpointing run with SIGKILL after its second checkpoint; the resumed run ends with the uninterrupted run's loss"
+    steps, ck = 20, tmp_path/'ck'
+    ref = _launch(tmp_path/'ref.json', '--steps', steps)
+    run = _launch(tmp_path/'killed.json', '--steps', steps, '--ckpt-dir', ck, '--ckpt-every', 4, '--sleep', 0.1)
+    t0 = time.time()
+    while (latest_checkpoint(ck) is None or int(latest_checkpoint(ck).name[5:]) < 8) and run.poll() is None:
+        assert time.time() - t0 < 90, 'no checkpoint appeared'
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL); log, _ = run.communicate()
+    assert run.returncode == -signal.SIGKILL, f'the run ended before it was killed:\n{log[-2000:]}'
+    killed_at = int(latest_checkpoint(ck).name[5:])
+    assert 8 <= killed_at < steps and not (tmp_path/'killed.json').exists()
+    res = _result(_launch(tmp_path/'resumed.json', '--steps', steps, '--ckpt-dir', ck, '--ckpt-every', 4), tmp_path/'resumed.json')
+    want = _result(ref, tmp_path/'ref.json')
+    assert res['start_step'] == killed_at  # it really resumed, from the last checkpoint
+    assert len(res['losses']) == steps and res['tokens'] == want['tokens']
+    assert abs(res['losses'][-1] - want['losses'][-1]) <= 1e-4, (res['losses'][-1], want['losses'][-1])
+    assert want['losses'][-1] < want['losses'][0] - 0.5  # the run trains: equal losses are not two frozen models
+    assert latest_checkpoint(ck).name == f'step_{steps:07d}'
+
+def test_final_checkpoint_when_steps_not_a_multiple(tmp_path):
+    "A run whose length is not a multiple of ckpt_every (or shorter than it) still leaves a checkpoint of its last step"
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, warmup=1, device='cpu', ckpt_dir=str(tmp_path), ckpt_every=5)
+    train_causal_lm(tiny_llama(), _ds(), cfg)
+    assert latest_checkpoint(tmp_path).name == 'step_0000003'
+    assert json.loads((latest_checkpoint(tmp_path)/'meta.json').read_text())['step'] == 3
+
+def test_resume_refuses_other_settings(tmp_path):
+    "A checkpoint written with one config is not silently continued with another"
+    ds = Dataset.from_dict({'input_ids': [[i % 7 + 4] * 16 for i in range(8)]})
+    cfg = dict(steps=2, batch_size=4, seq_len=16, warmup=1, device='cpu', ckpt_dir=str(tmp_path), ckpt_every=1, log_every=1)
+    train_causal_lm(tiny_llama(), ds, TrainConfig(**cfg))
+    with pytest.raises(ValueError, match=r"other settings.*'lr'"):
+        train_causal_lm(tiny_llama(), ds, TrainConfig(**{**cfg, 'lr': 1e-4}))
+    r = train_causal_lm(tiny_llama(), ds, TrainConfig(**cfg))  # same settings: finished already, nothing to do
+    assert r.start_step == 2 and len(r.losses) == 2
+
+# --- processes ------------------------------------------------------------------------------------------------
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and 1 process with 2 accumulation micro-steps, both at global batch 8,
+    give the same loss curve.
+
+    Both compute the mean cross-entropy over the same 8 rows per step, split into the same 4-row micro-batches; only the
+    order of floating-point sums differs (gloo's all-reduce vs in-place accumulation), which moves fp32 losses by
+    ~1e-7 relative per step (measured: 2e-7 over the 20 steps). The 1e-4 relative tolerance sits far above that and
+    below real faults: normalising each process's gradient by its own target count instead of the global one (the
+    rows differ in how many targets they have) moved the curve by 1.5e-3 relative, 15x the tolerance."""
+    two = _launch(tmp_path/'two.json', '--grad-accum', 1, nproc=2)
+    one = _launch(tmp_path/'one.json', '--grad-accum', 2)
+    a, b = _result(one, tmp_path/'one.json'), _result(two, tmp_path/'two.json')
+    assert b['world'] == 2 and a['world'] == 1 and len(a['losses']) == len(b['losses']) == 20
+    rel = max(abs(x - y) / abs(x) for x, y in zip(a['losses'], b['losses']))
+    assert rel <= 1e-4, rel
+    assert a['losses'][-1] < a['losses'][0] - 0.5
+
+def test_grad_accum_matches_full_batch():
+    "Two micro-steps of 4 rows give the loss curve of one step of 8 rows (same process, same order of rows)"
+    sys.path.insert(0, str(WORKER.parent))
+    from _train_worker import corpus
+    ds = corpus()
+    def run(ga):
+        torch.manual_seed(0)
+        m = tiny_llama(vocab_size=48, hidden_size=32, intermediate_size=64)
+        return train_causal_lm(m, ds, TrainConfig(steps=8, lr=1e-2, batch_size=8, seq_len=32, warmup=2, grad_accum=ga,
+                                                  log_every=4, device='cpu')).losses
+    a, b = run(1), run(2)
+    assert max(abs(x - y) / x for x, y in zip(a, b)) <= 1e-5
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+def _ds(n=8, T=16): return Dataset.from_dict({'input_ids': [[4 + (i + t) % 20 for t in range(T)] for i in range(n)]})
+
+def test_too_long_dataset_rows():
+    "Rows longer than the model's context are refused before training, naming both lengths"
+    with pytest.raises(ValueError, match=r'length 64 exceeds .*max_position_embeddings=32'):
+        train_causal_lm(tiny_llama(max_position_embeddings=32), _ds(T=64), TrainConfig(steps=1, batch_size=4, seq_len=64))
+    with pytest.raises(ValueError, match=r'length 64 exceeds .*n_positions=32'):
+        train_causal_lm(tiny_gpt2(n_positions=32), _ds(T=64), TrainConfig(steps=1, batch_size=4, seq_len=64))
+
+def test_too_long_batch_function():
+    "A batch function returning sequences past the context is refused at its first batch"
+    fn = lambda step, B: dict(input_ids=torch.randint(4, 100, (B, 300)))
+    with pytest.raises(ValueError, match=r'get_batch\(step=0\) returned a sequence of length 300 exceeds .*=256'):
+        train_causal_lm(tiny_llama(), fn, TrainConfig(steps=1, batch_size=4, seq_len=64))
+
+def test_seq_len_past_context():
+    with pytest.raises(ValueError, match=r'TrainConfig.seq_len 512 exceeds .*=256'):
+        train_causal_lm(tiny_llama(), lambda s, B: dict(input_ids=torch.zeros(B, 8, dtype=torch.long)),
+                        TrainConfig(steps=1, batch_size=4, seq_len=512))
+
+def test_ragged_and_mismatched_rows():
+    ragged = Dataset.from_dict({'input_ids': [[5] * 16, [6] * 12]})
+    with pytest.raises(ValueError, match=r'pack_dataset'):
+        train_causal_lm(tiny_llama(), ragged, TrainConfig(steps=1, batch_size=2, seq_len=16))
+    with pytest.raises(ValueError, match=r'length 16 but TrainConfig.seq_len=32'):
+        train_causal_lm(tiny_llama(), _ds(), TrainConfig(steps=1, batch_size=4, seq_len=32))
+    with pytest.raises(ValueError, match=r"'input_ids' column"):
+        train_causal_lm(tiny_llama(), _ds().rename_column('input_ids', 'x'), TrainConfig(steps=1, batch_size=4, seq_len=16))
+    with pytest.raises(TypeError, match='datasets.Dataset or a function'):
+        train_causal_lm(tiny_llama(), [[1, 2, 3]], TrainConfig(steps=1))
+
+@pytest.mark.parametrize('bad_step', [1, 3])
+def test_nan_loss_names_the_step(bad_step):
+    "A model whose output turns NaN at forward `bad_step` stops the run with FloatingPointError naming that step"
+    m = _nan_from(tiny_llama(), bad_step)
+    with pytest.raises(FloatingPointError, match=rf'nan at step {bad_step} '):
+        train_causal_lm(m, _ds(), TrainConfig(steps=6, batch_size=4, seq_len=16, log_every=4, device='cpu'))
+
+def test_divergent_lr_raises():
+    "A learning rate far too large makes the loss non-finite within a few steps: the run stops with FloatingPointError"
+    with pytest.raises(FloatingPointError, match='at step'):
+        train_causal_lm(tiny_llama(), _ds(), TrainConfig(steps=30, lr=1e30, batch_size=4, seq_len=16, warmup=0,
+                                                         grad_clip=0, weight_decay=0, log_every=5, device='cpu'))
+
+def _nan_from(model, first):
+    "Make `model`'s output NaN from its forward number `first` on (1-based)"
+    calls = [0]
+    def hook(mod, args, out):
+        calls[0] += 1
+        return out * float('nan') if calls[0] >= first else out
+    model.model.norm.register_forward_hook(hook)
+    return model
+
+def test_nan_stops_before_checkpoint(tmp_path):
+    "A checkpoint is never written after a non-finite loss: the sync before it catches the NaN"
+    m = _nan_from(tiny_llama(), 3)
+    with pytest.raises(FloatingPointError, match='step 3 '):
+        train_causal_lm(m, _ds(), TrainConfig(steps=8, batch_size=4, seq_len=16, log_every=10, ckpt_every=2,
+                                              ckpt_dir=str(tmp_path), device='cpu'))
+    assert latest_checkpoint(tmp_path).name == 'step_0000002'
+
+@pytest.mark.parametrize('field,value', [('steps', 0), ('steps', 1.5), ('lr', 0.0), ('lr', -1.0), ('lr', float('inf')),
+    ('lr', float('nan')), ('batch_size', 0), ('seq_len', 1), ('warmup', -1), ('weight_decay', -0.1), ('grad_clip', -1.0),
+    ('grad_accum', 0), ('log_every', 0), ('eval_every', -1), ('precision', 'fp8'), ('min_lr_ratio', 1.5),
+    ('device', 'tpu'), ('ckpt_every', 10), ('betas', (0.9, 1.0))])
+def test_config_validation(field, value):
+    "Each out-of-range field is refused, naming the field, its value and the accepted range"
+    with pytest.raises(ValueError, match=rf'TrainConfig\.{field}=.* is invalid: expected'):
+        TrainConfig(**{field: value})
+
+def test_batch_not_divisible():
+    with pytest.raises(ValueError, match='TrainConfig.batch_size=6 is invalid: expected a multiple of grad_accum=4'):
+        TrainConfig(batch_size=6, grad_accum=4)
+
+def test_pack_dataset_bad_input():
+    with pytest.raises(ValueError, match='seq_len=1'): pack_dataset(_ds(), 1)
+    with pytest.raises(ValueError, match='fewer than seq_len=1000'): pack_dataset(_ds(), 1000)
+    with pytest.raises(TypeError, match='datasets.Dataset'): pack_dataset([[1, 2]], 4)
+
+# --- the loop's bookkeeping -------------------------------------------------------------------------------------
+
+def test_eval_callback_and_history():
+    "eval_fn runs every eval_every steps and at the end, on the unwrapped model in eval mode"
+    seen = []
+    def ev(model, step):
+        seen.append((step, model.training)); return dict(score=step / 10)
+    r = train_causal_lm(tiny_llama(), _ds(), TrainConfig(steps=5, batch_size=4, seq_len=16, warmup=1, eval_every=2,
+                                                         log_every=2, device='cpu'), eval_fn=ev)
+    assert seen == [(2, False), (4, False), (5, False)] and r.model.training
+    assert [e['step'] for e in r.evals] == [2, 4, 5] and r.evals[-1]['score'] == 0.5
+    assert [h['step'] for h in r.history] == [2, 4, 5]
+    assert all(h['tokens_per_s'] > 0 and h['mfu'] is None for h in r.history)
+    assert math.isclose(r.history[-1]['loss'], r.losses[-1])
+    assert r.tokens == 5 * 4 * 16
+
+def test_schedule_reaches_optimizer():
+    "Each optimizer step runs at lr_at(step): warmup 1/2, 2/2 of the peak, then the cosine down to lr*min_lr_ratio"
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from llmlit.train import lr_at
+    cfg = TrainConfig(steps=6, lr=1e-3, batch_size=2, seq_len=8, warmup=2, log_every=6, device='cpu')
+    seen = []
+    h = register_optimizer_step_pre_hook(lambda opt, args, kw: seen.append([g['lr'] for g in opt.param_groups]))
+    try: train_causal_lm(tiny_llama(), lambda s, B: dict(input_ids=torch.full((B, 8), 5 + s)), cfg)
+    finally: h.remove()
+    want = [lr_at(s, cfg) for s in range(6)]
+    assert seen == [[w, w] for w in want]
+    assert want[:2] == pytest.approx([5e-4, 1e-3]) and want[-1] == pytest.approx(1e-4)
+
+@pytest.mark.slow
+def test_compile_matches_eager():
+    "compile=True (one inductor graph for forward and loss) gives the eager loss curve on CPU; slow: ~1 min of compilation"
+    sys.path.insert(0, str(WORKER.parent))
+    from _train_worker import corpus
+    def run(c):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=6, lr=1e-2, batch_size=8, seq_len=32, warmup=2, log_every=3, device='cpu', compile=c)
+        return train_causal_lm(tiny_gpt2(vocab_size=48, n_positions=64), corpus(), cfg).losses
+    a, b = run(False), run(True)
+    assert max(abs(x - y) / x for x, y in zip(a, b)) <= 1e-5

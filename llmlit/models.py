@@ -18,7 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 from .core import get_device, get_dtype
 
-# %% ../nbs/01_models.ipynb #ce6071a5
+# %% ../nbs/01_models.ipynb #421fda24
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False)
 TINY_GPT2 = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -30,7 +30,10 @@ def tiny_llama(**overrides):
 
 def tiny_gpt2(**overrides):
     "A randomly initialised `GPT2LMHeadModel`, 2 layers of width 64 unless `overrides` say otherwise"
-    return GPT2LMHeadModel(GPT2Config(**{**TINY_GPT2, **overrides}))
+    cfg = {**TINY_GPT2, **overrides}
+    for k in ('bos_token_id', 'eos_token_id'):  # GPT-2's 50256 lies outside a small vocabulary
+        if k not in cfg and cfg['vocab_size'] <= 50256: cfg[k] = cfg['vocab_size'] - 1
+    return GPT2LMHeadModel(GPT2Config(**cfg))
 
 # %% ../nbs/01_models.ipynb #f8c72d49
 MODEL_PRESETS = {

@@ -1,0 +1,299 @@
+"Cross-checks of llmlit.specdec: exact laws, chi-square tests at significance 1e-3 with fixed seeds, greedy equality, bad input."
+import math
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from llmlit.models import tiny_llama, word_tokenizer
+from llmlit.specdec import (RULES, SpS, Cactus, TypicalAcceptance, Interp, TopKAccept, BigramLM, binary_kl, cactus_gamma,
+                            cactus_target, verify_block, exact_output_law, kl_div, accept_rate, warp_probs, sample_from,
+                            speculative_generate, acceptance_stats, expected_tokens_per_call, early_exit_draft, StaticLlama,
+                            decode_static, spec_decode_static, markov_table)
+
+D = torch.float64
+ALPHA = 1e-3   # significance of every chi-square test below
+
+def rand_pair(n, V, seed=0, sharp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, V, generator=g, dtype=D)).softmax(-1), (sharp * torch.randn(n, V, generator=g, dtype=D)).softmax(-1)
+
+def chi2_ok(samples, law, N):
+    "Chi-square of `samples` against `law`; cells of zero probability must stay empty"
+    counts = torch.bincount(samples, minlength=law.numel()).double()
+    assert counts[law == 0].sum() == 0, "a token of probability 0 was emitted"
+    keep = law > 0
+    return chisquare(counts[keep].numpy(), (N * law[keep] / law[keep].sum()).numpy()).pvalue
+
+RULE_CASES = {'sps': SpS(), 'tas': TypicalAcceptance(), 'cactus': Cactus(0.5), 'cactus_exact': Cactus(0.5, exact=True),
+              'interp': Interp(0.4), 'topk': TopKAccept(3)}
+
+def test_import_without_notebooks():
+    import llmlit.specdec as m
+    assert set(RULES) == {'sps', 'tas', 'cactus', 'interp', 'topk'} and callable(m.speculative_generate)
+
+# --- exact one-step laws -------------------------------------------------------------------------------------------
+
+def test_sps_exact_law_is_q():
+    p, q = rand_pair(256, 8)
+    assert torch.allclose(exact_output_law(p, q, SpS()), q, atol=1e-12, rtol=0)
+
+@pytest.mark.parametrize('name', RULE_CASES)
+def test_one_step_monte_carlo_matches_exact_law(name):
+    "2e5 single-draft blocks in one verify_block call, V=8: counts against exact_output_law (q itself for SpS)"
+    rule, N, V = RULE_CASES[name], 200_000, 8
+    p, q = rand_pair(1, V, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = sample_from(p.expand(N, V), 1 - torch.rand(N, generator=g, dtype=D))
+    ids, n = verify_block(p.expand(N, 1, V), q.expand(N, 2, V), x[:, None], rule, g)
+    law = q[0] if name == 'sps' else exact_output_law(p[0], q[0], rule)
+    assert chi2_ok(ids[:, 0], law, N) > ALPHA
+    assert abs(n.double().mean() - accept_rate(p, q, rule)[0]) < 5 * math.sqrt(0.25 / N)
+
+def test_rule_laws_are_distributions():
+    p, q = rand_pair(128, 16, seed=5)
+    for rule in RULE_CASES.values():
+        h = exact_output_law(p, q, rule)
+        assert (h >= -1e-15).all() and torch.allclose(h.sum(-1), torch.ones(128, dtype=D), atol=1e-12)
+
+# --- chains ----------------------------------------------------------------------------------------------------------
+
+def chain_sample(tp, tq, x0, rule, k, n_tok, g):
+    "Per-row speculative chains for bigram laws (rows of tp/tq), vectorized over rows; first n_tok emitted tokens"
+    N, W = len(x0), n_tok + k + 2
+    out, filled, last, rows = torch.full((N, W), -1), torch.zeros(N, dtype=torch.long), x0.clone(), torch.arange(N)
+    while (filled < n_tok).any():
+        ps, xs, cur = [], [], last
+        for _ in range(k):
+            ps.append(tp[cur]); cur = sample_from(ps[-1], 1 - torch.rand(N, generator=g, dtype=D)); xs.append(cur)
+        q = torch.stack([tq[last]] + [tq[x] for x in xs], 1)
+        ids, n = verify_block(torch.stack(ps, 1), q, torch.stack(xs, 1), rule, g)
+        valid = (torch.arange(k + 1) <= n[:, None]) & (filled < n_tok)[:, None]
+        out.scatter_(1, torch.where(valid, filled[:, None] + torch.arange(k + 1), W - 1), torch.where(valid, ids, -1))
+        filled, last = torch.where(filled < n_tok, filled + n + 1, filled), torch.where(filled < n_tok, ids[rows, n], last)
+    return out[:, :n_tok]
+
+def joint3(tp, tq, rule, x0):
+    "Exact law of 3 emitted tokens: with bigram models each position's law is the rule's one-step law given the last token"
+    h = exact_output_law(tp, tq, rule)   # (V, V): row = previous token
+    return torch.einsum('a,ab,bc->abc', h[x0], h, h).reshape(-1)
+
+@pytest.mark.parametrize('name', ['sps', 'cactus', 'tas'])
+def test_three_token_chain_law(name):
+    "Joint law of 3 emitted tokens (512 cells), k=3, 2e5 chains: chi-square against the exact product law"
+    rule, V, N, x0 = RULE_CASES[name], 8, 200_000, 2
+    tp, tq = markov_table(V, 1, support=5, sharpness=1.0).double(), markov_table(V, 2, support=5, sharpness=1.0).double()
+    g = torch.Generator().manual_seed(11)
+    out = chain_sample(tp, tq, torch.full((N,), x0), rule, 3, 3, g)
+    law = joint3(tp, tq, rule, x0)
+    if name == 'sps':
+        exact = torch.einsum('a,ab,bc->abc', tq[x0], tq, tq).reshape(-1)
+        assert torch.allclose(law, exact, atol=1e-12)
+    assert chi2_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], law, N) > ALPHA
+
+@pytest.mark.parametrize('name', ['sps', 'cactus'])
+def test_speculative_generate_chain_law_bigram(name):
+    "speculative_generate on BigramLM pairs (batched rows, shared cache length): 3-token joint law by chi-square"
+    rule, V, N, x0 = RULE_CASES[name], 8, 60_000, 5
+    tp, tq = markov_table(V, 3, support=5, sharpness=1.0).double(), markov_table(V, 4, support=5, sharpness=1.0).double()
+    out = speculative_generate(BigramLM(tq.log()), BigramLM(tp.log()), torch.full((N, 1), x0), rule, k=3, max_new_tokens=3,
+                               seed=1, track_kl=False).sequences[:, 1:]
+    law = joint3(tp, tq, rule, x0)
+    assert chi2_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], law, N) > ALPHA
+
+def test_first_token_of_tiny_llama_follows_target():
+    "4000 rows of one prompt, k=4: the first emitted token follows the target's softmax (V=64)"
+    torch.manual_seed(0)
+    t, d = tiny_llama(vocab_size=64).eval(), tiny_llama(vocab_size=64, num_hidden_layers=1).eval()
+    t.lm_head.weight.data *= 20; d.lm_head.weight.data *= 20   # sharper laws so that drafts get accepted
+    prompt = torch.randint(0, 64, (1, 6))
+    N = 4000
+    out = speculative_generate(t, d, prompt.expand(N, 6), SpS(), k=4, max_new_tokens=5, seed=2, track_kl=False)
+    q = t(prompt).logits[0, -1].double().softmax(-1).detach()
+    assert chi2_ok(out.sequences[:, 6], q, N) > ALPHA
+
+# --- Cactus properties -----------------------------------------------------------------------------------------------
+
+def test_spec_vector():
+    q, p = torch.tensor([[0.35, 0.4, 0.25]], dtype=D), torch.tensor([[0.8, 0.1, 0.1]], dtype=D)
+    x = torch.tensor([0])
+    assert abs(cactus_gamma(torch.tensor(0.35, dtype=D), 0.2).item() - 0.651662) < 5e-7
+    assert abs(Cactus(0.2).accept_prob(p, q, x).item() - 0.814578) < 5e-7
+    assert abs(kl_div(cactus_target(q, x, 0.2), q).item() - 0.187776) < 5e-7
+
+def test_cactus_delta0_same_decisions_as_sps():
+    p, q = rand_pair(4000 * 5, 16, seed=7)
+    p, q = p.view(4000, 5, 16)[:, :4], q.view(4000, 5, 16)
+    x = sample_from(p, 1 - torch.rand(4000, 4, generator=torch.Generator().manual_seed(1), dtype=D))
+    ref = verify_block(p, q, x, SpS(), torch.Generator().manual_seed(9))
+    for exact in (False, True):
+        got = verify_block(p, q, x, Cactus(0.0, exact), torch.Generator().manual_seed(9))
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+def test_p_equal_q_keeps_q_for_every_delta():
+    _, q = rand_pair(64, 12, seed=8)
+    for d in (0.0, 0.01, 0.3, 1.0, 5.0):
+        for exact in (False, True):
+            assert torch.allclose(exact_output_law(q, q, Cactus(d, exact)), q, atol=1e-12)
+            assert torch.allclose(accept_rate(q, q, Cactus(d, exact)), torch.ones(64, dtype=D))
+
+def test_tas_p_equal_q_is_not_q():
+    q = torch.tensor([0.5, 0.45, 0.05], dtype=D)
+    assert torch.allclose(exact_output_law(q, q, TypicalAcceptance()), torch.tensor([0.55, 0.45, 0.0], dtype=D), atol=1e-12)
+
+def test_acceptance_monotone_in_delta_and_gamma_range():
+    p, q = rand_pair(2000, 10, seed=9)
+    x = torch.randint(0, 10, (2000,), generator=torch.Generator().manual_seed(0))
+    qn = q.gather(-1, x[:, None])[:, 0]
+    for exact in (False, True):
+        prev = torch.zeros(2000, dtype=D)
+        for d in (0.0, 0.001, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0):
+            a, g = Cactus(d, exact).accept_prob(p, q, x), cactus_gamma(qn, d, exact)
+            assert (a >= prev - 1e-12).all(); prev = a
+            assert (g >= qn - 1e-15).all() and (g <= 1).all()
+            h = cactus_target(q, x, d, exact)
+            assert torch.allclose(h.sum(-1), torch.ones(2000, dtype=D), atol=1e-12) and (h >= 0).all()
+
+def test_no_nan_at_the_ends():
+    q = torch.tensor([[0.0, 0.7, 0.3], [1.0, 0.0, 0.0], [0.2, 0.8, 0.0]], dtype=D)
+    p = torch.tensor([[1e-300, 0.5, 0.5], [1e-12, 0.5, 0.5], [0.5, 0.5, 0.0]], dtype=D)
+    x = torch.tensor([0, 0, 1])
+    for exact in (False, True):
+        for d in (0.0, 0.5, 3.0):
+            r = Cactus(d, exact)
+            for t in (cactus_gamma(q.gather(-1, x[:, None]), d, exact), r.accept_prob(p, q, x), r.residual(p, q, x),
+                      cactus_target(q, x, d, exact), exact_output_law(p, q, r)):
+                assert torch.isfinite(t).all()
+    assert Cactus(1.0).accept_prob(p, q, x)[0] == 0   # q(x) = 0: gamma = 0, always rejected
+
+def test_kl_budget_exact_root_and_cor6():
+    g = torch.Generator().manual_seed(4)
+    q = (3 * torch.randn(64_000, 6, generator=g, dtype=D)).softmax(-1)
+    x = torch.randint(0, 6, (64_000,), generator=g)
+    d = torch.rand(64_000, generator=g, dtype=D) * 2
+    for dd in (0.01, 0.1, 0.5, 1.5):
+        kl_exact = kl_div(cactus_target(q, x, dd, exact=True), q)
+        assert (kl_exact <= dd + 1e-9).all()
+        gam = cactus_gamma(q.gather(-1, x[:, None])[:, 0], dd)
+        kl_approx = kl_div(cactus_target(q, x, dd), q)
+        assert (kl_approx[gam <= 0.5] <= dd + 1e-12).all()
+
+def test_realised_divergence_at_most_kl_p_q():
+    "Spec test 6: KL(h_alg ‖ q) <= KL(p ‖ q) in random trials (empirical, 0 failures reported by the spec)"
+    p, q = rand_pair(3000, 8, seed=12)
+    for d in (0.1, 1.0):
+        assert (kl_div(exact_output_law(p, q, Cactus(d)), q) <= kl_div(p, q) + 1e-12).all()
+
+def solve_constraint_retyped(q, x, delta):
+    "The spec's transcription of the repository's cactus step, typed anew for this check"
+    qn = q.gather(-1, x[:, None])[:, 0]
+    g = torch.clamp(qn + torch.sqrt(2 * delta * qn * (1 - qn)), 0, 1)
+    h = q * torch.nan_to_num((1 - g) / (1 - qn), nan=1.0)[:, None]
+    h = h.scatter(-1, x[:, None], g[:, None])
+    return torch.clamp(h, 0, 1)
+
+def test_cactus_target_matches_retyped_reference_and_tas_threshold():
+    p, q = rand_pair(500, 9, seed=13)
+    x = torch.randint(0, 9, (500,), generator=torch.Generator().manual_seed(2))
+    for d in (0.1, 0.7, 2.0):
+        assert torch.allclose(cactus_target(q, x, d), solve_constraint_retyped(q, x, d), atol=1e-14)
+    ent = -(q * torch.log(q + 1e-5)).sum(-1)
+    tau = torch.minimum(torch.full_like(ent, 0.09), 0.3 * torch.exp(-ent))
+    assert torch.equal(TypicalAcceptance().accept_prob(p, q, x) == 1, q.gather(-1, x[:, None])[:, 0] > tau)
+
+def test_expected_tokens_per_call():
+    assert expected_tokens_per_call(0.0, 4) == 1.0 and expected_tokens_per_call(1.0, 4) == 5.0
+    assert abs(expected_tokens_per_call(0.8, 3) - sum(0.8 ** i for i in range(4))) < 1e-12
+
+# --- sampling laws ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, None, None), (0.6, 20, 0.95), (1.3, 5, None), (0.8, None, 0.5)])
+def test_warp_matches_transformers(temperature, top_k, top_p):
+    lg = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    procs = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p else [])
+    ref = LogitsProcessorList(procs)(None, lg.clone()).softmax(-1)
+    assert torch.allclose(warp_probs(lg, temperature, top_k, top_p), ref, atol=1e-6)
+
+# --- decoding loops --------------------------------------------------------------------------------------------------
+
+def tiny_pair(seed=0, V=64):
+    torch.manual_seed(seed)
+    return tiny_llama(vocab_size=V).eval(), tiny_llama(vocab_size=V, num_hidden_layers=1, hidden_size=32, num_attention_heads=4).eval()
+
+def greedy_ref(model, ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+@pytest.mark.parametrize('k', [1, 3, 6])
+def test_greedy_equals_generate_tiny_llama(k):
+    t, d = tiny_pair()
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(k))
+    ref = greedy_ref(t, ids, 30)
+    for rule in (SpS(), Cactus(0.0)):
+        assert torch.equal(speculative_generate(t, d, ids, rule, k=k, max_new_tokens=30, temperature=0).sequences, ref)
+    assert torch.equal(speculative_generate(t, d, ids, k=k, max_new_tokens=30, temperature=0, use_cache=False).sequences, ref)
+
+def test_greedy_batch_equals_generate_rowwise():
+    t, d = tiny_pair(1)
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    out = speculative_generate(t, d, ids, k=4, max_new_tokens=20, temperature=0)
+    assert torch.equal(out.sequences, greedy_ref(t, ids, 20))
+    assert len(out.row_accepted[0]) == 3 and all(m == min(r) for m, r in zip(out.accepted_per_step, out.row_accepted))
+
+def test_greedy_equals_generate_smollm2_self_draft():
+    from llmlit.models import load_smollm2
+    try: m, tok = load_smollm2(device='cpu', dtype=torch.float32)
+    except ModuleNotFoundError as e: pytest.skip(str(e))
+    ids = tok('The capital of France is', return_tensors='pt').input_ids
+    out = speculative_generate(m, early_exit_draft(m, 20), ids, SpS(), k=2, max_new_tokens=8, temperature=0, track_kl=False)
+    assert torch.equal(out.sequences, greedy_ref(m, ids, 8))
+
+def test_stats_and_kl_tracking():
+    t, d = tiny_pair(2)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = speculative_generate(t, d, ids, SpS(), k=3, max_new_tokens=12)
+    st = acceptance_stats(out)
+    assert 0 <= st['acceptance_rate'] <= 1 and st['tokens_per_call'] >= 1 and abs(st['kl_mean']) < 1e-5
+    o2 = speculative_generate(t, d, ids, TypicalAcceptance(), k=3, max_new_tokens=12)
+    assert acceptance_stats(o2)['kl_mean'] > 0
+
+def test_static_loops_cpu_fallback():
+    torch.manual_seed(3)
+    t = tiny_llama(vocab_size=64, num_key_value_heads=2).eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref = greedy_ref(t, ids, 25)
+    assert torch.equal(decode_static(StaticLlama(t, 40), ids, 25, graph=False)[0], ref)
+    for k in (1, 4):
+        so, _ = spec_decode_static(StaticLlama(t, 40), StaticLlama(early_exit_draft(t, 1), 40), ids, 25, k=k, graph=False)
+        assert torch.equal(so.sequences, ref)
+
+@pytest.mark.cuda
+def test_static_loops_cuda_graph():
+    if not torch.cuda.is_available(): pytest.skip('needs CUDA')
+    torch.manual_seed(3)
+    t = tiny_llama(vocab_size=64, num_key_value_heads=2).cuda().eval()
+    ids = torch.randint(0, 64, (1, 6), device='cuda')
+    eager = decode_static(StaticLlama(t, 40), ids, 25, graph=False)[0]
+    assert torch.equal(decode_static(StaticLlama(t, 40), ids, 25, graph=True)[0], eager)
+    so, _ = spec_decode_static(StaticLlama(t, 40), StaticLlama(early_exit_draft(t, 1), 40), ids, 25, k=4, graph=True)
+    assert torch.equal(so.sequences, eager)
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    t, d = tiny_pair()
+    ids = torch.randint(0, 64, (1, 4))
+    with pytest.raises(ValueError, match='vocab_size'): speculative_generate(t, tiny_llama(vocab_size=80), ids)
+    tk1, tk2 = word_tokenizer('a b c'.split()), word_tokenizer('a c b'.split())
+    with pytest.raises(ValueError, match='tokenizer'):
+        speculative_generate(t, d, ids, target_tokenizer=tk1, draft_tokenizer=tk2)
+    with pytest.raises(ValueError, match='k=0'): speculative_generate(t, d, ids, k=0)
+    with pytest.raises(ValueError, match='temperature'): speculative_generate(t, d, ids, temperature=-1)
+    for tp in (0, 1.01, -0.2):
+        with pytest.raises(ValueError, match='top_p'): speculative_generate(t, d, ids, top_p=tp)
+    with pytest.raises(ValueError, match='top_k'): speculative_generate(t, d, ids, top_k=0)
+    with pytest.raises(ValueError, match='delta'): Cactus(-0.1)
+    with pytest.raises(ValueError, match='delta'): cactus_gamma(torch.tensor([0.3]), -1.0)
+    with pytest.raises(ValueError, match='one device'): speculative_generate(t, tiny_llama(vocab_size=64).to('meta'), ids)
+    with pytest.raises(ValueError, match='input_ids'): speculative_generate(t, d, torch.randint(0, 64, (4,)))
+    with pytest.raises(ValueError, match='n_layers'): early_exit_draft(t, 0)
+    with pytest.raises(ValueError, match='shapes'): verify_block(torch.rand(1, 2, 5), torch.rand(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), SpS())
+    with pytest.raises(ValueError, match='max_len'): decode_static(StaticLlama(t, 8), ids, 10, graph=False)

@@ -24,7 +24,7 @@ sync:
 	@bash scripts/check_sync.sh
 
 nbtest:
-	$(BIN)/nbdev-test --n-workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing  # one torch thread per notebook: two workers on two cores
 
 pytest:
 	$(BIN)/python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider

@@ -49,7 +49,7 @@ def local_images(md, docs):
     def copy(m):
         src = (NBS/m.group(2)).resolve()
         if re.match(r'[a-z]+:', m.group(2)) or not src.is_file() or ROOT not in src.parents: return m.group(0)
-        rel = Path('files')/src.relative_to(ROOT)
+        rel = Path('assets')/src.relative_to(ROOT)  # not 'files/': nbconvert strips that prefix from links
         (docs/rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, docs/rel)
         return m.group(1) + rel.as_posix()

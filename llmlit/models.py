@@ -74,7 +74,7 @@ def cache_dir():
     if os.environ.get('LLMLIT_CACHE'): return Path(os.environ['LLMLIT_CACHE'])
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'llmlit'
 
-# %% ../nbs/01_models.ipynb #19447b96
+# %% ../nbs/01_models.ipynb #2e2afdee
 def _convert_smollm2(dest):
     "Dequantize the GGUF file once and save model and tokenizer as a plain HF folder at `dest`"
     f = smollm2_gguf()
@@ -85,6 +85,9 @@ def _convert_smollm2(dest):
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix='.tmp-'))
     try:
         model.save_pretrained(tmp); tok.save_pretrained(tmp); os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest/'config.json').exists(): raise  # else another process finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
 

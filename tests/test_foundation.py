@@ -35,3 +35,14 @@ def test_cached_smollm2_loads_fast(tmp_path):
 
 def test_tiny_models_have_no_dropout():
     assert models.tiny_gpt2().config.attn_pdrop == 0 and models.tiny_llama().config.attention_dropout == 0
+
+@pytest.mark.slow
+def test_two_processes_converting_smollm2_at_once(tmp_path):
+    "nbdev-test and pytest run notebooks side by side: a cold cache must survive two simultaneous conversions"
+    import subprocess, sys
+    code = f"from llmlit.models import load_smollm2; m, t = load_smollm2(device='cpu', cache=r'{tmp_path}'); print(m.config.model_type)"
+    ps = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate() for p in ps]
+    assert [p.returncode for p in ps] == [0, 0], outs
+    assert [o.strip() for o, _ in outs] == ['llama', 'llama']
+    assert [p.name for p in tmp_path.iterdir()] == ['smollm2-135m-instruct']

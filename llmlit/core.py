@@ -6,7 +6,7 @@ Docs: https://llmlit.github.io/llmlit/core.html.md"""
 
 # %% auto #0
 __all__ = ['IN_TEST', 'get_device', 'get_dtype', 'seed_everything', 'progress', 'project_root', 'results_dir', 'git_commit',
-           'env_info', 'save_result', 'load_results', 'compare_presets', 'check_choice']
+           'env_info', 'atomic_write', 'save_result', 'load_results', 'compare_presets', 'check_choice']
 
 # %% ../nbs/00_core.ipynb #9b2e51a9
 import json, math, os, platform, random, subprocess, tempfile, time
@@ -88,7 +88,7 @@ def env_info(device=None):
     return dict(python=platform.python_version(), device=str(dev), device_name=name,
                 **{p: v(p) for p in ('llmlit', 'torch', 'transformers', 'datasets', 'accelerate', 'peft')})
 
-# %% ../nbs/00_core.ipynb #1e911f7f
+# %% ../nbs/00_core.ipynb #7f441f00
 def _check_finite(obj, path='metrics'):
     "Raise if any number inside `obj` is NaN or infinite, naming where"
     if isinstance(obj, dict):
@@ -109,7 +109,7 @@ def _to_jsonable(obj):
     if isinstance(obj, Path): return str(obj)
     return obj
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     "Call `write(tmp_path)` then rename onto `path`, so readers never see a partial file"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=path.suffix)
@@ -119,7 +119,7 @@ def _atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
-# %% ../nbs/00_core.ipynb #736ce9bb
+# %% ../nbs/00_core.ipynb #189a9bd3
 def save_result(metrics, # headline numbers of the run: a dict of numbers, lists and strings
                 name, # method name: the folder under `results/`
                 preset, # 'quick', 'full' or another preset name
@@ -133,8 +133,8 @@ def save_result(metrics, # headline numbers of the run: a dict of numbers, lists
     if os.environ.get('IN_TEST'): return rec
     d = Path(out_dir) if out_dir else results_dir()/name
     for k, fig in (figs or {}).items():
-        _atomic_write(d/f'{preset}-{k}.png', lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches='tight', format='png'))
-    _atomic_write(d/f'{preset}.json', lambda p: p.write_text(json.dumps(rec, indent=1, sort_keys=True)))
+        atomic_write(d/f'{preset}-{k}.png', lambda p, fig=fig: fig.savefig(p, dpi=110, bbox_inches='tight', format='png'))
+    atomic_write(d/f'{preset}.json', lambda p: p.write_text(json.dumps(rec, indent=1, sort_keys=True)))
     return rec
 
 # %% ../nbs/00_core.ipynb #3359ff03

@@ -10,13 +10,13 @@ __all__ = ['PRESET_PARAMS', 'REPRO_COLS', 'RunnerError', 'ParamTypeError', 'Proj
            'parse_params', 'Run', 'run_method', 'run_all', 'gather_results', 'reproduction_rows', 'md_table',
            'headline', 'report_markdown', 'report']
 
-# %% ../nbs/03_experiments.ipynb #034b0333
+# %% ../nbs/03_experiments.ipynb #e5c107f1
 import ast, contextlib, itertools, json, os, re, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import nbformat
 import papermill as pm
-from .core import project_root
+from .core import atomic_write, project_root
 
 # %% ../nbs/03_experiments.ipynb #71d377a6
 PRESET_PARAMS = ('preset', 'setting')  # the parameter that picks a preset, in order of preference
@@ -195,7 +195,7 @@ def parse_params(method, pairs):
         raw[k.strip()] = v
     return check_params(method, {k: parse_value(v, getattr(method.params.get(k), 'type', None)) for k, v in raw.items()})
 
-# %% ../nbs/03_experiments.ipynb #8d4120b9
+# %% ../nbs/03_experiments.ipynb #55515064
 @dataclass
 class Run:
     "What one papermill run of a method did"
@@ -236,9 +236,7 @@ def _publish(src, dest):
     out = []
     for f in files:
         t = Path(dest)/f.relative_to(src)
-        t.parent.mkdir(parents=True, exist_ok=True)
-        tmp = t.with_name(f'.{t.name}.tmp')
-        shutil.copy2(f, tmp); os.replace(tmp, t); out.append(t)
+        atomic_write(t, lambda p, f=f: shutil.copy2(f, p)); out.append(t)
     return out
 
 # %% ../nbs/03_experiments.ipynb #949d12b1
@@ -324,7 +322,7 @@ def md_table(rows, cols):
     line = lambda vs: '| ' + ' | '.join(v.ljust(n) for v, n in zip(vs, w)) + ' |'
     return '\n'.join([line(cols), '|' + '|'.join('-'*(n + 2) for n in w) + '|'] + [line(r) for r in cells])
 
-# %% ../nbs/03_experiments.ipynb #3544c487
+# %% ../nbs/03_experiments.ipynb #fefdbf7e
 def headline(metrics, n=6):
     "The first `n` scalar metrics as `name=value` text"
     kv = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
@@ -355,5 +353,5 @@ def report(root=None, # the checkout (folder or `Project`)
     text = report_markdown(root)
     if dest is not False:
         dest = Path(dest or _project(root).nbs/'reproductions.md')
-        tmp_ = dest.with_name(f'.{dest.name}.tmp'); tmp_.write_text(text); os.replace(tmp_, dest)
+        atomic_write(dest, lambda p: p.write_text(text))
     return text

@@ -11,7 +11,7 @@ __all__ = ['BIOS_SIZES', 'PHONE_TEMPLATES', 'DIGITS', 'MONTHS', 'BIO_TEMPLATES',
            'tokenize_facts', 'evaluate_facts', 'memorized_bits', 'generate_values', 'fact_model', 'LossBand',
            'RandomSubset', 'example_losses', 'FactStream', 'select_by_loss', 'keep_fraction_for']
 
-# %% ../nbs/10_memorization.ipynb #95294037
+# %% ../nbs/10_memorization.ipynb #18ea826e
 import math
 from dataclasses import dataclass
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from tokenizers import pre_tokenizers
-from .models import _fast_tokenizer, tiny_llama
+from .models import fast_tokenizer, tiny_llama
 
 # %% ../nbs/10_memorization.ipynb #e6dfa175
 def fact_bits(n_values, n_slots=1):
@@ -169,12 +169,12 @@ def make_bios(n_people, zipf_alpha=0.0, seed=0):
                                      for j, (k, ts) in enumerate(BIO_TEMPLATES.items())))
     return Dataset.from_dict(rows)
 
-# %% ../nbs/10_memorization.ipynb #a61fa35e
+# %% ../nbs/10_memorization.ipynb #61abe93d
 def fact_tokenizer(texts):
     "A word-level tokenizer over the words of `texts` that gives every digit its own token"
     words = {w for t in texts for w in t.split() if not any(ch.isdigit() for ch in w)}
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
-    return _fast_tokenizer(sorted(words) + list(DIGITS), pre, None)
+    return fast_tokenizer(sorted(words) + list(DIGITS), pre, None)
 
 def phonebook_tokenizer(facts, templates=PHONE_TEMPLATES):
     "`fact_tokenizer` over the names of a phone book and the template words"

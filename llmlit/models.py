@@ -7,7 +7,7 @@ Docs: https://llmlit.github.io/llmlit/models.html.md"""
 # %% auto #0
 __all__ = ['TINY_LLAMA', 'TINY_GPT2', 'MODEL_PRESETS', 'SMOLLM2_PIP', 'SPECIALS', 'tiny_llama', 'tiny_gpt2', 'model_from_preset',
            'count_params', 'smollm2_gguf', 'cache_dir', 'load_smollm2', 'load_causal_lm', 'require_arch',
-           'char_tokenizer', 'word_tokenizer']
+           'fast_tokenizer', 'char_tokenizer', 'word_tokenizer']
 
 # %% ../nbs/01_models.ipynb #e5f4aec7
 import importlib.util, os, shutil, tempfile, time
@@ -127,10 +127,10 @@ def require_arch(model, archs, method='this method'):
         raise ValueError(f"{method} supports model types {list(archs)}, got {mt!r} ({type(model).__name__})")
     return mt
 
-# %% ../nbs/01_models.ipynb #2f01cfe3
+# %% ../nbs/01_models.ipynb #a8027c2a
 SPECIALS = ['<pad>', '<bos>', '<eos>', '<unk>']
 
-def _fast_tokenizer(vocab, pre_tok, decoder):
+def fast_tokenizer(vocab, pre_tok, decoder):
     "Wrap a word-level `tokenizers` model over `vocab` as a `PreTrainedTokenizerFast`"
     vocab = SPECIALS + [v for v in dict.fromkeys(vocab) if v not in SPECIALS]
     tk = Tokenizer(tk_models.WordLevel({v: i for i, v in enumerate(vocab)}, unk_token='<unk>'))
@@ -141,9 +141,9 @@ def _fast_tokenizer(vocab, pre_tok, decoder):
 def char_tokenizer(alphabet):
     "A tokenizer with one token per character of `alphabet` (after the 4 special tokens)"
     if not alphabet: raise ValueError("alphabet is empty")
-    return _fast_tokenizer(list(alphabet), pre_tokenizers.Split(Regex('.'), 'isolated'), decoders.Fuse())
+    return fast_tokenizer(list(alphabet), pre_tokenizers.Split(Regex('.'), 'isolated'), decoders.Fuse())
 
 def word_tokenizer(words):
     "A tokenizer with one token per whitespace-separated word in `words`"
     if not words: raise ValueError("words is empty")
-    return _fast_tokenizer(list(words), pre_tokenizers.WhitespaceSplit(), None)
+    return fast_tokenizer(list(words), pre_tokenizers.WhitespaceSplit(), None)

@@ -11,7 +11,7 @@ __all__ = ['BIOS_SIZES', 'PHONE_TEMPLATES', 'DIGITS', 'MONTHS', 'BIO_TEMPLATES',
            'tokenize_facts', 'evaluate_facts', 'memorized_bits', 'generate_values', 'fact_model', 'LossBand',
            'RandomSubset', 'example_losses', 'FactStream', 'select_by_loss', 'keep_fraction_for']
 
-# %% ../nbs/10_memorization.ipynb #18ea826e
+# %% ../nbs/10_memorization.ipynb #29e1ca4d
 import math
 from dataclasses import dataclass
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from tokenizers import pre_tokenizers
-from .models import fast_tokenizer, tiny_llama
+from .models import fast_tokenizer, model_device, tiny_llama
 
 # %% ../nbs/10_memorization.ipynb #e6dfa175
 def fact_bits(n_values, n_slots=1):
@@ -211,9 +211,7 @@ def tokenize_facts(facts, # a fact `Dataset` with `name` and `value` columns
     rows['value_mask'] = [m + [0]*(T - len(m)) for m in rows['value_mask']]
     return Dataset.from_dict(rows)
 
-# %% ../nbs/10_memorization.ipynb #9b8670a0
-def _model_device(model): return next(model.parameters()).device
-
+# %% ../nbs/10_memorization.ipynb #ee29d337
 def _tensor(ds, col):
     "Column `col` of `ds` (rows of equal length) as a tensor, read through Arrow"
     if col not in ds.column_names: raise ValueError(f"the dataset needs a {col!r} column; it has {ds.column_names}")
@@ -234,7 +232,7 @@ def evaluate_facts(model, # a causal LM
                    weights=None, # fact frequencies for the weighted accuracy (default: uniform)
                    batch_size=1024):
     "Exact-match accuracy (teacher-forced argmax = greedy), frequency-weighted accuracy and memorized bits"
-    was, dev = model.training, _model_device(model)
+    was, dev = model.training, model_device(model)
     model.eval()
     x_all, m_all = _tensor(facts, 'input_ids'), _tensor(facts, 'value_mask').bool()
     vid = torch.as_tensor(value_ids, device=dev) if value_ids is not None else None
@@ -262,11 +260,11 @@ def memorized_bits(ce_bits, bits_per_fact):
     ce_bits = np.asarray(ce_bits, dtype=float)
     return float(max(0.0, len(ce_bits)*bits_per_fact - ce_bits.sum()))
 
-# %% ../nbs/10_memorization.ipynb #9e178326
+# %% ../nbs/10_memorization.ipynb #07d020bf
 @torch.no_grad()
 def generate_values(model, facts):
     "Greedy-decoded value tokens for each tokenized fact, as a list of lists"
-    dev, out = _model_device(model), {}
+    dev, out = model_device(model), {}
     x_all, m_all = _tensor(facts, 'input_ids').numpy(), _tensor(facts, 'value_mask').bool().numpy()
     start, n_val = m_all.argmax(1), m_all.sum(1)
     for s, n in sorted(set(zip(start.tolist(), n_val.tolist()))):
@@ -335,7 +333,7 @@ class RandomSubset:
         return np.sort(np.random.default_rng(self.seed).choice(n, max(1, round(self.keep_fraction*n)), replace=False))
     def active(self, losses, round=0): return np.arange(len(losses))
 
-# %% ../nbs/10_memorization.ipynb #6cdc2f93
+# %% ../nbs/10_memorization.ipynb #16ef18c7
 @torch.no_grad()
 def example_losses(model, # a causal LM
                    input_ids, # (S, T) token ids, padded on the right
@@ -343,7 +341,7 @@ def example_losses(model, # a causal LM
                    batch_size=1024):
     "Mean next-token loss (nats) of every example over its labelled tokens, (S,)"
     input_ids = torch.as_tensor(input_ids); labels = input_ids if labels is None else torch.as_tensor(labels)
-    was, dev = model.training, _model_device(model)
+    was, dev = model.training, model_device(model)
     model.eval()
     out = []
     for i in range(0, len(input_ids), batch_size):

@@ -7,7 +7,7 @@ Docs: https://llmlit.github.io/llmlit/models.html.md"""
 # %% auto #0
 __all__ = ['TINY_LLAMA', 'TINY_GPT2', 'MODEL_PRESETS', 'SMOLLM2_PIP', 'SPECIALS', 'tiny_llama', 'tiny_gpt2', 'model_from_preset',
            'count_params', 'smollm2_gguf', 'cache_dir', 'load_smollm2', 'load_causal_lm', 'require_arch',
-           'fast_tokenizer', 'char_tokenizer', 'word_tokenizer']
+           'model_device', 'fast_tokenizer', 'char_tokenizer', 'word_tokenizer']
 
 # %% ../nbs/01_models.ipynb #e5f4aec7
 import importlib.util, os, shutil, tempfile, time
@@ -126,6 +126,12 @@ def require_arch(model, archs, method='this method'):
     if mt not in archs:
         raise ValueError(f"{method} supports model types {list(archs)}, got {mt!r} ({type(model).__name__})")
     return mt
+
+# %% ../nbs/01_models.ipynb #eebf7c30
+def model_device(model):
+    "The device of a model's first parameter or buffer (also for modules without `.device`, such as toy models)"
+    for t in (*model.parameters(), *model.buffers()): return t.device
+    raise ValueError(f"{type(model).__name__} has no parameters or buffers: cannot tell its device")
 
 # %% ../nbs/01_models.ipynb #a8027c2a
 SPECIALS = ['<pad>', '<bos>', '<eos>', '<unk>']

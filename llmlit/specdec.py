@@ -11,7 +11,7 @@ __all__ = ['RULES', 'GeneralSpS', 'SpS', 'binary_kl', 'cactus_gamma', 'cactus_ta
            'expected_tokens_per_call', 'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static',
            'spec_decode_static', 'markov_batches', 'sample_corpus', 'chain_nll']
 
-# %% ../nbs/30_specdec.ipynb #131ad2cc
+# %% ../nbs/30_specdec.ipynb #953ee063
 import copy, inspect, math, time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .core import check_choice
+from .models import model_device
 
 # %% ../nbs/30_specdec.ipynb #df9a7fc8
 def _gather(t, x):
@@ -236,12 +237,7 @@ def make_markov_corpus(n_seqs, seq_len, V=64, seed=0, table=None):
     for t in range(1, seq_len): ids[:, t] = torch.multinomial(table[ids[:, t - 1]], 1, generator=g).squeeze(-1)
     return ids, table
 
-# %% ../nbs/30_specdec.ipynb #d418a175
-def _model_device(m):
-    "The device of a model's first parameter or buffer"
-    for t in (*m.parameters(), *m.buffers()): return t.device
-    raise ValueError(f"{type(m).__name__} has no parameters or buffers: cannot tell its device")
-
+# %% ../nbs/30_specdec.ipynb #abe2072a
 def check_pair(target, draft, target_tokenizer=None, draft_tokenizer=None):
     "Raise unless `target` and `draft` share a vocabulary (and tokenizers, if given) and a device"
     vt, vd = (getattr(getattr(m, 'config', None), 'vocab_size', None) for m in (target, draft))
@@ -252,7 +248,7 @@ def check_pair(target, draft, target_tokenizer=None, draft_tokenizer=None):
         raise ValueError("pass both target_tokenizer and draft_tokenizer, or neither")
     if target_tokenizer is not None and target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         raise ValueError("target_tokenizer and draft_tokenizer map tokens to different ids: the pair needs one tokenizer")
-    dt, dd = _model_device(target), _model_device(draft)
+    dt, dd = model_device(target), model_device(draft)
     if dt != dd: raise ValueError(f"target and draft must be on one device: target on {dt}, draft on {dd}")
     return dt
 
@@ -509,7 +505,7 @@ def spec_decode_static(tdec, # StaticLlama of the target, max_len >= prompt + ma
     wall = time.perf_counter() - t0
     return SpecOutput(seq[:, :T0 + max_new_tokens], acc, k * calls, [], wall, rows, max_new_tokens, calls), wall
 
-# %% ../nbs/30_specdec.ipynb #51f82e60
+# %% ../nbs/30_specdec.ipynb #49918776
 def markov_batches(table, seq_len, seed=0):
     "A get_batch(step, batch_size) for `llmlit.train` drawing fresh sequences from the Markov chain `table`"
     def get_batch(step, batch_size):
@@ -520,7 +516,7 @@ def markov_batches(table, seq_len, seed=0):
 def sample_corpus(model, n_seqs, seq_len, start_ids, batch_size=256, seed=0):
     "`n_seqs` sequences (n_seqs, seq_len) sampled from `model` at temperature 1, each from one start token in `start_ids`"
     g = torch.Generator().manual_seed(seed)
-    dev, rows = _model_device(model), []
+    dev, rows = model_device(model), []
     for i in range(0, n_seqs, batch_size):
         s = start_ids[torch.randint(0, len(start_ids), (min(batch_size, n_seqs - i), 1), generator=g)].to(dev)
         rows.append(model.generate(s, attention_mask=torch.ones_like(s), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,

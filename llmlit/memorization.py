@@ -9,10 +9,10 @@ __all__ = ['BIOS_SIZES', 'PHONE_TEMPLATES', 'DIGITS', 'MONTHS', 'BIO_TEMPLATES',
            'capacity_limit_accuracy', 'max_memorized_facts', 'zipf_probs', 'sample_facts', 'expected_distinct',
            'pseudo_words', 'make_phonebook', 'bios_fields', 'make_bios', 'fact_tokenizer', 'phonebook_tokenizer',
            'tokenize_facts', 'evaluate_facts', 'memorized_bits', 'generate_values', 'fact_model', 'LossBand',
-           'RandomSubset', 'example_losses', 'FactStream', 'select_by_loss', 'keep_fraction_for']
+           'RandomSubset', 'example_losses', 'FactStream', 'select_by_loss', 'keep_fraction_for', 'estimate_capacity']
 
-# %% ../nbs/10_memorization.ipynb #29e1ca4d
-import math
+# %% ../nbs/10_memorization.ipynb #db214828
+import math, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -351,7 +351,7 @@ def example_losses(model, # a causal LM
     model.train(was)
     return torch.cat(out)
 
-# %% ../nbs/10_memorization.ipynb #920cb772
+# %% ../nbs/10_memorization.ipynb #6ec52847
 class FactStream:
     "A `get_batch(step, batch_size)` over a tokenized pool, re-selected by `selector` as training goes"
     def __init__(self, data, # tokenized `Dataset` with equal-length `input_ids` (and `labels`)
@@ -360,12 +360,13 @@ class FactStream:
                  selector=None, # None (all of the pool), `LossBand` or `RandomSubset`
                  rows=None, # the pool as row indices into `data`, repeats allowed (default: every row once)
                  seed=0, score_batch=4096,
-                 device=None): # where the pool's tensors live (default: the CPU); the GPU saves a copy per step
+                 device=None, # where the pool's tensors live (default: the CPU); the GPU saves a copy per step
+                 dedup=False): # the selector chooses among distinct rows (exact duplicates count once), served equally often
         if selector is not None and model is None: raise ValueError("a selector needs the model being trained: pass model=")
         rows = torch.arange(len(data)) if rows is None else torch.as_tensor(np.asarray(rows))
         self.x = _tensor(data, 'input_ids')[rows].to(device)
         self.y = _tensor(data, 'labels')[rows].to(device) if 'labels' in data.column_names else self.x
-        self.model, self.sel, self.seed, self.score_batch = model, selector, seed, score_batch
+        self.model, self.sel, self.seed, self.score_batch, self.dedup = model, selector, seed, score_batch, dedup
         n = len(self.x)
         self.admitted, self.active = np.arange(n), np.arange(n)
         self.k, self.restarts, self._epoch, self.served, self.log = 0, 0, None, [], []
@@ -378,14 +379,21 @@ class FactStream:
     def _select(self, step):
         "Score and (re)select when `step` reaches the next round"
         first = not self.log
-        idx = np.arange(len(self.x)) if first else self.admitted
-        t = torch.from_numpy(idx).to(self.x.device)
+        if first: self.admitted = self._candidates()
+        t = torch.from_numpy(self.admitted).to(self.x.device)
         losses = example_losses(self.model, self.x[t], self.y[t], self.score_batch).numpy()
-        if first: self.admitted, losses = self.admitted[self.sel.admit(losses)], losses[self.sel.admit(losses)]
+        if first:
+            keep = self.sel.admit(losses)
+            self.admitted, losses = self.admitted[keep], losses[keep]
         new = self.admitted[self.sel.active(losses, round=len(self.log))]
         if not np.array_equal(new, self.active): self.active, self.k, self._epoch, self.restarts = new, 0, None, self.restarts + 1
         self.log.append(dict(step=step, n_admitted=len(self.admitted), n_active=len(self.active), mean_loss=float(losses.mean())))
         self.next_round = step + self.every if self.every else None
+
+    def _candidates(self):
+        "Pool rows the selector chooses from: all, or the first copy of each distinct row with `dedup`"
+        if not self.dedup: return np.arange(len(self.x))
+        return np.sort(np.unique(self.x.cpu().numpy(), axis=0, return_index=True)[1])
 
     def _take(self, b):
         "The next `b` pool indices: shuffled epochs over the active set"
@@ -433,11 +441,49 @@ def select_by_loss(dataset, # a tokenized `Dataset` with `input_ids` (optional `
     kept = kept[band.active(losses[kept])]
     return dataset.select(kept).add_column('loss', losses[kept].tolist())
 
-# %% ../nbs/10_memorization.ipynb #26f782f0
-def keep_fraction_for(input_ids, max_distinct):
-    "Keep fraction r whose lowest-loss share would hold `max_distinct` distinct rows if loss follows repetition"
+# %% ../nbs/10_memorization.ipynb #93af2dbf
+def keep_fraction_for(input_ids, max_distinct, distinct=False):
+    "Keep fraction r whose lowest-loss share holds `max_distinct` distinct rows (of the distinct rows if `distinct`)"
     rows = np.asarray(input_ids)
     _, counts = np.unique(rows, axis=0, return_counts=True)
     if max_distinct >= len(counts): return 1.0
     if max_distinct < 1: raise ValueError(f"max_distinct={max_distinct} must be >= 1")
+    if distinct: return int(max_distinct) / len(counts)
     return float(np.sort(counts)[::-1][:int(max_distinct)].sum() / len(rows))
+
+# %% ../nbs/10_memorization.ipynb #c51f1688
+def estimate_capacity(train_fn, # train_fn(n) -> dict with `n_correct` and `acc`: a fresh model trained on n uniform facts
+                      bits_per_fact, # H
+                      n_start, # first N tried
+                      n_max, # most facts available
+                      growth=2.0, # ratio between successive N of the search
+                      saturated=0.95, # accuracy taken to mean the model was below capacity at that N
+                      refine=1, # rounds of geometric bisection around the best N
+                      n_min=8): # smallest N tried
+    "C_hat = H * max_N n_correct(N), over a search that brackets the peak of n_correct(N); returns C_hat and the runs"
+    if growth <= 1: raise ValueError(f"growth={growth} must be > 1")
+    _check_fraction('saturated', saturated)
+    if not n_min <= n_start <= n_max: raise ValueError(f"need n_min={n_min} <= n_start={n_start} <= n_max={n_max}")
+    runs = {}
+    def run(n):
+        n = int(min(max(round(n), n_min), n_max))
+        if n not in runs: runs[n] = train_fn(n)
+        return n, runs[n]
+    n, r = run(n_start)
+    while r['acc'] < saturated and n > n_min: n, r = run(n / growth)          # down to a saturated N
+    while n < n_max:                                                          # up while the count rises
+        m, s = run(n * growth)
+        if s['n_correct'] <= r['n_correct']: break
+        n, r = m, s
+    for _ in range(refine):                                                   # bisect around the best N
+        ns = sorted(runs); i = max(range(len(ns)), key=lambda j: runs[ns[j]]['n_correct'])
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(ns) and abs(ns[j] - ns[i]) > 1: run(math.sqrt(ns[i]*ns[j]))
+    ns = sorted(runs); best = max(ns, key=lambda k: runs[k]['n_correct'])
+    found_below = any(runs[k]['acc'] >= saturated for k in ns)
+    passed_peak = max(ns) > best                                              # a larger N memorized no more facts
+    if not found_below: warnings.warn(f"no N down to {min(ns)} reached accuracy {saturated}: training-limited, C_hat is a lower bound")
+    if not passed_peak: warnings.warn(f"the count still rose at N={max(ns)}: the peak was not passed, C_hat is a lower bound")
+    K = runs[best]['n_correct']
+    return dict(bits=K*bits_per_fact, facts=K, n_best=best, runs={k: runs[k] for k in ns},
+                found_below=found_below, passed_peak=passed_peak)

@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 from scipy import optimize, stats
 from llmlit.memorization import (BIOS_SIZES, DIGITS, FactStream, LossBand, RandomSubset, capacity_limit_accuracy,
-                                 evaluate_facts, example_losses, expected_distinct, fact_bits, fact_model, fano_bits,
+                                 estimate_capacity, evaluate_facts, example_losses, expected_distinct, fact_bits, fact_model, fano_bits,
                                  generate_values, keep_fraction_for, make_bios, make_phonebook, max_memorized_facts,
                                  memorized_bits, phonebook_tokenizer, sample_facts, select_by_loss, tokenize_facts,
                                  zipf_probs)
@@ -79,6 +79,33 @@ def test_teacher_forced_equals_greedy(trained):
     assert 0 <= ev['bits'] <= len(pb)*fact_bits(1000)
 
 
+@pytest.mark.parametrize('peak', [37, 300, 1234, 9000])
+@pytest.mark.parametrize('n_start', [50, 4000])
+@pytest.mark.parametrize('collapse', [2.0, 0.0])
+def test_estimate_capacity_brackets_the_peak(peak, n_start, collapse):
+    "On a count curve that rises as N up to a peak, then collapses (or stays flat), the search finds the peak in few runs"
+    calls = []
+    def train(n):
+        calls.append(n)
+        k = n if n <= peak else max(0, peak - collapse*(n - peak))
+        return dict(n_correct=k, acc=k/n)
+    est = estimate_capacity(train, 13.0, n_start=n_start, n_max=10**5, growth=2.0, refine=2, n_min=8)
+    assert peak / 2**0.25 <= est['facts'] <= peak                      # within growth^(2^-refine) below the peak
+    assert est['found_below'] and est['passed_peak'] and est['bits'] == 13.0*est['facts']
+    assert len(calls) == len(set(calls)) <= 2*math.log2(10**5/8) + 4    # no N trained twice; logarithmic
+
+
+def test_estimate_capacity_says_when_it_is_a_lower_bound():
+    with pytest.warns(UserWarning, match='training-limited'):
+        est = estimate_capacity(lambda n: dict(n_correct=1, acc=1/n), 1.0, n_start=100, n_max=400, n_min=20)
+    assert not est['found_below'] and min(est['runs']) == 20
+    with pytest.warns(UserWarning, match='peak was not passed'):
+        est = estimate_capacity(lambda n: dict(n_correct=n, acc=1.0), 1.0, n_start=100, n_max=1000)
+    assert est['facts'] == 1000 and not est['passed_peak']
+    with pytest.raises(ValueError, match='n_start=5'): estimate_capacity(lambda n: {}, 1.0, n_start=5, n_max=100)
+    with pytest.raises(ValueError, match='saturated=1.5'): estimate_capacity(lambda n: {}, 1.0, 10, 100, saturated=1.5)
+
+
 def test_untrained_model_knows_nothing():
     pb = make_phonebook(64, n_digits=4, seed=2); tok = phonebook_tokenizer(pb); tf = tokenize_facts(pb, tok, n_templates=1)
     torch.manual_seed(1); m = fact_model(tok, len(tf[0]['input_ids']))
@@ -134,6 +161,24 @@ def test_stream_deterministic_and_subset(trained):
         assert set(st.active) <= set(st.admitted) <= set(range(len(rows)))
     np.testing.assert_array_equal(*seqs)
     assert seqs[0].max() < len(rows)
+
+
+def test_dedup_stream_serves_distinct_rows_equally(trained):
+    "With dedup, the selector ranks one copy of each distinct row, and the admitted rows are served equally often"
+    pb, tok, tf, m = trained
+    rows = sample_facts(zipf_probs(len(tf), 1.0), 400, seed=0)
+    sel = LossBand(0.5, 0.0, warmup_frac=0.0, rescore_every_frac=1.0)
+    st = FactStream(tf, 10, model=m, selector=sel, rows=rows, seed=0, dedup=True)
+    first = st(0, 1)                                                  # scores and admits at step 0
+    x = st.x.numpy()
+    distinct = np.sort(np.unique(x, axis=0, return_index=True)[1])
+    assert len(st.admitted) == round(0.5*len(distinct)) and set(st.admitted) <= set(distinct)
+    losses = example_losses(m, st.x[distinct], st.y[distinct]).numpy()
+    np.testing.assert_array_equal(st.admitted, np.sort(distinct[np.argsort(losses, kind='stable')[:len(st.admitted)]]))
+    n = len(st.active)
+    for s in range(1, 10): st(s, n if s > 1 else n - 1)              # then whole epochs over the active rows
+    served = np.concatenate(st.served)
+    assert (np.bincount(served, minlength=len(x))[st.active] == 9).all()
 
 
 def test_selection_flattens_exposures():

@@ -417,7 +417,7 @@ class FactStream:
         served = np.concatenate(self.served) if self.served else np.zeros(0, int)
         return np.bincount(np.asarray(fact_of_row)[served], minlength=n_facts)
 
-# %% ../nbs/10_memorization.ipynb #68f67f29
+# %% ../nbs/10_memorization.ipynb #cd33f5c1
 def _padded(ds, pad_id=0):
     "`input_ids` and `labels` of `ds` as right-padded (S, T) tensors; padding gets label -100"
     ids = ds['input_ids'][:]
@@ -431,15 +431,18 @@ def select_by_loss(dataset, # a tokenized `Dataset` with `input_ids` (optional `
                    model, # a causal LM that scores the examples
                    keep_fraction=0.5, # r: keep this lowest-loss share of the examples
                    drop_low_quantile=0.0, # q: then drop the kept examples below this loss quantile
+                   dedup=False, # score exact duplicates once and keep at most one copy
                    batch_size=1024, pad_id=0):
     "The LossBand subset of `dataset` (its order kept), with each example's loss in a `loss` column"
     if 'input_ids' not in dataset.column_names:
         raise ValueError(f"dataset needs an 'input_ids' column; it has {dataset.column_names}")
     band = LossBand(keep_fraction=keep_fraction, drop_low_quantile=drop_low_quantile, replay_fraction=0.0)
-    losses = example_losses(model, *_padded(dataset, pad_id), batch_size=batch_size).numpy()
+    x, y = _padded(dataset, pad_id)
+    rows = np.sort(np.unique(torch.cat([x, y], 1).numpy(), axis=0, return_index=True)[1]) if dedup else np.arange(len(x))
+    losses = example_losses(model, x[rows], y[rows], batch_size=batch_size).numpy()
     kept = band.admit(losses)
     kept = kept[band.active(losses[kept])]
-    return dataset.select(kept).add_column('loss', losses[kept].tolist())
+    return dataset.select(rows[kept]).add_column('loss', losses[kept].tolist())
 
 # %% ../nbs/10_memorization.ipynb #93af2dbf
 def keep_fraction_for(input_ids, max_distinct, distinct=False):

@@ -225,6 +225,18 @@ def test_select_by_loss(trained):
     np.testing.assert_allclose(sorted(out['loss'][:]), band[6:], rtol=1e-5)
 
 
+def test_select_by_loss_dedup(trained):
+    "dedup: duplicated rows are scored once; the kept rows are the lowest-loss distinct ones, each once"
+    pb, tok, tf, m = trained
+    rows = tf['input_ids'][:]
+    ds = Dataset.from_dict(dict(input_ids=[rows[i] for i in sample_facts(zipf_probs(len(rows), 1.0), 200, seed=1)]))
+    distinct = np.unique(np.asarray(ds['input_ids'][:]), axis=0)
+    out = select_by_loss(ds, m, keep_fraction=0.25, dedup=True)
+    assert len(out) == round(0.25*len(distinct)) == len({tuple(r) for r in out['input_ids'][:]})
+    ref = np.sort(example_losses(m, torch.tensor(distinct)).numpy())[:len(out)]
+    np.testing.assert_allclose(sorted(out['loss'][:]), ref, rtol=1e-5)
+
+
 def test_keep_fraction_for():
     rows = np.repeat(np.arange(10)[:, None], np.arange(10, 0, -1), axis=0)   # row i repeated 10-i times
     assert keep_fraction_for(rows, 2) == pytest.approx(19/55)

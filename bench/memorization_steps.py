@@ -12,7 +12,7 @@ sequences (few large steps, like the first `full` preset's 600 steps of 8,192) a
 
 One run takes about 90 s on one core. Results go to results/memorization/studies/steps.json and a table is printed.
 
-  python bench/memorization_steps.py --jobs 2        (about 13 min on 2 cores)
+  python bench/memorization_steps.py --jobs 2        (about 17 min on 2 cores)
 """
 import argparse, json, sys, time
 from multiprocessing import Pool

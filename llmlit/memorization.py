@@ -11,8 +11,8 @@ __all__ = ['BIOS_SIZES', 'PHONE_TEMPLATES', 'DIGITS', 'MONTHS', 'BIO_TEMPLATES',
            'tokenize_facts', 'evaluate_facts', 'memorized_bits', 'generate_values', 'fact_model', 'LossBand',
            'RandomSubset', 'example_losses', 'FactStream', 'select_by_loss', 'keep_fraction_for', 'estimate_capacity']
 
-# %% ../nbs/10_memorization.ipynb #db214828
-import math, warnings
+# %% ../nbs/10_memorization.ipynb #50b30828
+import contextlib, math, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -211,13 +211,21 @@ def tokenize_facts(facts, # a fact `Dataset` with `name` and `value` columns
     rows['value_mask'] = [m + [0]*(T - len(m)) for m in rows['value_mask']]
     return Dataset.from_dict(rows)
 
-# %% ../nbs/10_memorization.ipynb #ee29d337
+# %% ../nbs/10_memorization.ipynb #f32fd624
 def _tensor(ds, col):
     "Column `col` of `ds` (rows of equal length) as a tensor, read through Arrow"
     if col not in ds.column_names: raise ValueError(f"the dataset needs a {col!r} column; it has {ds.column_names}")
     t = ds.with_format('torch', columns=[col])[:][col]
     if not torch.is_tensor(t): raise ValueError(f"the {col!r} rows must all have the same length (pad them first)")
     return t
+
+@contextlib.contextmanager
+def _scoring(model):
+    "Run `model` in eval mode inside the block, restoring its train/eval mode afterwards (errors included)"
+    was = model.training
+    model.eval()
+    try: yield model_device(model)
+    finally: model.train(was)
 
 def _logits(model, x):
     "fp32 logits of `model` on ids `x`: scoring and evaluation stay exact, and match greedy decoding's arithmetic"
@@ -232,22 +240,20 @@ def evaluate_facts(model, # a causal LM
                    weights=None, # fact frequencies for the weighted accuracy (default: uniform)
                    batch_size=1024):
     "Exact-match accuracy (teacher-forced argmax = greedy), frequency-weighted accuracy and memorized bits"
-    was, dev = model.training, model_device(model)
-    model.eval()
     x_all, m_all = _tensor(facts, 'input_ids'), _tensor(facts, 'value_mask').bool()
-    vid = torch.as_tensor(value_ids, device=dev) if value_ids is not None else None
     correct, ce = [], []
-    for i in range(0, len(x_all), batch_size):
-        x, m = x_all[i:i+batch_size].to(dev), m_all[i:i+batch_size, 1:].to(dev)
-        logits, tgt = _logits(model, x)[:, :-1], x[:, 1:]  # (B, T-1, V), (B, T-1)
-        correct.append(((logits.argmax(-1) == tgt) | ~m).all(1).cpu())
-        if vid is not None:
-            lp = logits[..., vid].log_softmax(-1)
-            pos = (tgt[..., None] == vid).float().argmax(-1)  # index of the target inside the alphabet
-            nll = -lp.gather(-1, pos[..., None])[..., 0]
-        else: nll = F.cross_entropy(logits.transpose(1, 2), tgt, reduction='none')
-        ce.append((nll*m).sum(1).cpu() / math.log(2))
-    model.train(was)
+    with _scoring(model) as dev:
+        vid = torch.as_tensor(value_ids, device=dev) if value_ids is not None else None
+        for i in range(0, len(x_all), batch_size):
+            x, m = x_all[i:i+batch_size].to(dev), m_all[i:i+batch_size, 1:].to(dev)
+            logits, tgt = _logits(model, x)[:, :-1], x[:, 1:]  # (B, T-1, V), (B, T-1)
+            correct.append(((logits.argmax(-1) == tgt) | ~m).all(1).cpu())
+            if vid is not None:
+                lp = logits[..., vid].log_softmax(-1)
+                pos = (tgt[..., None] == vid).float().argmax(-1)  # index of the target inside the alphabet
+                nll = -lp.gather(-1, pos[..., None])[..., 0]
+            else: nll = F.cross_entropy(logits.transpose(1, 2), tgt, reduction='none')
+            ce.append((nll*m).sum(1).cpu() / math.log(2))
     correct, ce = torch.cat(correct).numpy(), torch.cat(ce).double().numpy()
     w = np.full(len(correct), 1/len(correct)) if weights is None else np.asarray(weights)/np.sum(weights)
     out = dict(n_facts=len(correct), n_correct=int(correct.sum()), acc=float(correct.mean()),
@@ -333,7 +339,7 @@ class RandomSubset:
         return np.sort(np.random.default_rng(self.seed).choice(n, max(1, round(self.keep_fraction*n)), replace=False))
     def active(self, losses, round=0): return np.arange(len(losses))
 
-# %% ../nbs/10_memorization.ipynb #16ef18c7
+# %% ../nbs/10_memorization.ipynb #ca514201
 @torch.no_grad()
 def example_losses(model, # a causal LM
                    input_ids, # (S, T) token ids, padded on the right
@@ -341,17 +347,19 @@ def example_losses(model, # a causal LM
                    batch_size=1024):
     "Mean next-token loss (nats) of every example over its labelled tokens, (S,)"
     input_ids = torch.as_tensor(input_ids); labels = input_ids if labels is None else torch.as_tensor(labels)
-    was, dev = model.training, model_device(model)
-    model.eval()
     out = []
-    for i in range(0, len(input_ids), batch_size):
-        x, y = input_ids[i:i+batch_size].to(dev), labels[i:i+batch_size, 1:].to(dev)
-        nll = F.cross_entropy(_logits(model, x)[:, :-1].transpose(1, 2), y, ignore_index=-100, reduction='none')
-        out.append((nll.sum(1) / (y != -100).sum(1).clamp(min=1)).cpu())
-    model.train(was)
+    with _scoring(model) as dev:
+        for i in range(0, len(input_ids), batch_size):
+            x, y = input_ids[i:i+batch_size].to(dev), labels[i:i+batch_size, 1:].to(dev)
+            nll = F.cross_entropy(_logits(model, x)[:, :-1].transpose(1, 2), y, ignore_index=-100, reduction='none')
+            out.append((nll.sum(1) / (y != -100).sum(1).clamp(min=1)).cpu())
     return torch.cat(out)
 
-# %% ../nbs/10_memorization.ipynb #6ec52847
+# %% ../nbs/10_memorization.ipynb #ed7dbb9a
+def _first_copies(rows):
+    "Sorted positions of the first copy of each distinct row of the 2-d array `rows`"
+    return np.sort(np.unique(rows, axis=0, return_index=True)[1])
+
 class FactStream:
     "A `get_batch(step, batch_size)` over a tokenized pool, re-selected by `selector` as training goes"
     def __init__(self, data, # tokenized `Dataset` with equal-length `input_ids` (and `labels`)
@@ -370,11 +378,10 @@ class FactStream:
         n = len(self.x)
         self.admitted, self.active = np.arange(n), np.arange(n)
         self.k, self.restarts, self._epoch, self.served, self.log = 0, 0, None, [], []
+        self.next_round = round(selector.warmup_frac*steps) if selector is not None else None
         if selector is not None:
-            self.warm = round(selector.warmup_frac*steps)
             every = selector.rescore_every_frac
             self.every = max(1, round(every*steps)) if every else None
-        self.next_round = self.warm if selector is not None else None
 
     def _select(self, step):
         "Score and (re)select when `step` reaches the next round"
@@ -392,8 +399,7 @@ class FactStream:
 
     def _candidates(self):
         "Pool rows the selector chooses from: all, or the first copy of each distinct row with `dedup`"
-        if not self.dedup: return np.arange(len(self.x))
-        return np.sort(np.unique(self.x.cpu().numpy(), axis=0, return_index=True)[1])
+        return _first_copies(self.x.cpu().numpy()) if self.dedup else np.arange(len(self.x))
 
     def _take(self, b):
         "The next `b` pool indices: shuffled epochs over the active set"
@@ -417,7 +423,7 @@ class FactStream:
         served = np.concatenate(self.served) if self.served else np.zeros(0, int)
         return np.bincount(np.asarray(fact_of_row)[served], minlength=n_facts)
 
-# %% ../nbs/10_memorization.ipynb #cd33f5c1
+# %% ../nbs/10_memorization.ipynb #55f9225d
 def _padded(ds, pad_id=0):
     "`input_ids` and `labels` of `ds` as right-padded (S, T) tensors; padding gets label -100"
     ids = ds['input_ids'][:]
@@ -438,7 +444,7 @@ def select_by_loss(dataset, # a tokenized `Dataset` with `input_ids` (optional `
         raise ValueError(f"dataset needs an 'input_ids' column; it has {dataset.column_names}")
     band = LossBand(keep_fraction=keep_fraction, drop_low_quantile=drop_low_quantile, replay_fraction=0.0)
     x, y = _padded(dataset, pad_id)
-    rows = np.sort(np.unique(torch.cat([x, y], 1).numpy(), axis=0, return_index=True)[1]) if dedup else np.arange(len(x))
+    rows = _first_copies(torch.cat([x, y], 1).numpy()) if dedup else np.arange(len(x))
     losses = example_losses(model, x[rows], y[rows], batch_size=batch_size).numpy()
     kept = band.admit(losses)
     kept = kept[band.active(losses[kept])]

@@ -498,7 +498,8 @@ def get_theta(model):
 @torch.no_grad()
 def set_theta(model, theta):
     "Write the flat vector θ into the LoRA parameters"
-    torch.nn.utils.vector_to_parameters(theta.to(lora_params(model)[0]), lora_params(model))
+    ps = lora_params(model)
+    torch.nn.utils.vector_to_parameters(theta.to(ps[0]), ps)
 
 @torch.no_grad()
 def output_change(model, input_ids, theta, ref_logits):

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmlit.core import atomic_write, results_dir, seed_everything
-from llmlit.memorization import (DIGITS, FactStream, LossBand, RandomSubset, evaluate_facts, fact_bits,
-                                 fact_model, keep_fraction_for, make_phonebook, phonebook_tokenizer, sample_facts,
-                                 tokenize_facts)
+from llmlit.adapters import tiny_lm_for
+from llmlit.data import DIGITS, make_phonebook, phonebook_tokenizer, sample_facts, tokenize_facts
+from llmlit.memorization import FactStream, LossBand, RandomSubset, evaluate_facts, fact_bits, keep_fraction_for
 from llmlit.train import TrainConfig, train_causal_lm
 
 BOOK, POOL, SEQS, DIGITS_PER_VALUE = 16_000, 160_000, 400_000, 8
@@ -46,7 +46,7 @@ def run(job):
                            ).get(arm, (table, pool, LossBand(r, q, 0.1)))
     steps = SEQS // batch
     seed_everything(0)
-    model = fact_model(tok, T, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    model = tiny_lm_for(tok, seq_len=T, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4)
     stream = FactStream(data, steps, model if sel else None, sel, rows, score_batch=4096, dedup=dedup)
     t0 = time.time()

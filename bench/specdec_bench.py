@@ -12,8 +12,8 @@ import argparse, time
 import torch
 from llmlit.core import get_device, save_result, seed_everything
 from llmlit.models import count_params, model_from_preset, tiny_llama
-from llmlit.specdec import (Cactus, SpS, StaticLlama, decode_static, make_markov_corpus, markov_batches, markov_table,
-                            spec_decode_static)
+from llmlit.data import make_markov_corpus, markov_batches, markov_table
+from llmlit.specdec import Cactus, SpS, StaticLlama, decode_static, spec_decode_static
 from llmlit.train import TrainConfig, train_causal_lm
 
 HBM = {'H100': 3.35e12, 'H200': 4.8e12}   # bytes/s of HBM bandwidth, by GPU name

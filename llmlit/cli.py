@@ -10,7 +10,7 @@ __all__ = ['COMMANDS', 'make_parser', 'cmd_list', 'cmd_run', 'cmd_report', 'main
 # %% ../nbs/04_cli.ipynb #88413910
 import argparse, sys
 from pathlib import Path
-from .experiments import Project, RunnerError, get_method, list_methods, md_table, report, run_all, run_method
+from .experiments import Project, RunnerError, list_methods, md_table, report, report_text, run_all, run_method
 
 # %% ../nbs/04_cli.ipynb #d05c74de
 def make_parser():
@@ -30,13 +30,18 @@ def make_parser():
     return p
 
 # %% ../nbs/04_cli.ipynb #eabc3f48
+def _param_text(m, k, p):
+    "`name=default`; for a knob left at None, with each preset's value: `k=None (quick 4, full 8)`"
+    vals = [f'{pre} {s[k]!r}' for pre, s in m.settings.items() if k in s] if k in m.knobs and p.default is None else []
+    return f'{k}={p.default!r}' + (f' ({", ".join(vals)})' if vals else '')
+
 def cmd_list(args):
     "Print the methods, their presets and parameters"
     ms = list_methods(args.root)
     if not ms:
-        print(f'no method notebooks (nbs/[1-9]*_*.ipynb with #| default_exp) in {Project(args.root).nbs}'); return 0
+        print(f'no method notebooks (nbs/[1-9]*_*.ipynb with #| default_exp and a parameters cell) in {Project(args.root).nbs}'); return 0
     print(md_table([dict(method=m.name, presets=', '.join(m.presets), notebook=m.path.name,
-                         parameters=', '.join(f'{k}={p.default!r}' for k, p in m.params.items())) for m in ms],
+                         parameters=', '.join(_param_text(m, k, p) for k, p in m.params.items())) for m in ms],
                    ['method', 'presets', 'notebook', 'parameters']))
     return 0
 
@@ -56,10 +61,11 @@ def cmd_run(args):
     return int(not all(r.ok for r in runs))
 
 def cmd_report(args):
-    "Print the reproduction table; write it into the docs unless --no-write"
-    text = report(args.root, dest=False if args.no_write else None)
-    print(text.split('---\n', 2)[-1].strip())
-    if not args.no_write: print(f'\nwritten to {Project(args.root).nbs/"reproductions.md"}')
+    "Print the scoreboard, the claims and the runs; write the Reproductions page into the docs unless --no-write"
+    print(report_text(args.root).strip())
+    if not args.no_write:
+        report(args.root)
+        print(f'\nwritten to {Project(args.root).nbs/"reproductions.md"}')
     return 0
 
 # %% ../nbs/04_cli.ipynb #da9c2e1f

@@ -7,21 +7,22 @@ Docs: https://llmlit.github.io/llmlit/specdec.html.md"""
 # %% auto #0
 __all__ = ['RULES', 'GeneralSpS', 'SpS', 'binary_kl', 'cactus_gamma', 'cactus_target', 'Cactus', 'TypicalAcceptance', 'Interp',
            'TopKAccept', 'warp_probs', 'sample_from', 'verify_block', 'exact_output_law', 'kl_div', 'accept_rate',
-           'BigramLM', 'markov_table', 'make_markov_corpus', 'check_pair', 'SpecOutput', 'speculative_generate',
-           'expected_tokens_per_call', 'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static',
-           'spec_decode_static', 'markov_batches', 'sample_corpus', 'chain_nll']
+           'check_pair', 'SpecOutput', 'speculative_generate', 'expected_tokens_per_call', 'acceptance_stats',
+           'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'BigramLM', 'markov_table',
+           'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']
 
 # %% ../nbs/30_specdec.ipynb #953ee063
 import copy, inspect, math, time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-from .core import check_choice
-from .models import model_device
+from .core import preset_config
+from .data import BigramLM, markov_table, make_markov_corpus, markov_batches, sample_corpus, chain_nll
+from .models import model_device, require_arch
+_all_ = ['BigramLM', 'markov_table', 'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']   # re-exported from llmlit.data
 
 # %% ../nbs/30_specdec.ipynb #df9a7fc8
 def _gather(t, x):
@@ -210,33 +211,6 @@ def accept_rate(p, q, rule):
     P, Q = p.unsqueeze(-2).expand(*xs.shape, V), q.unsqueeze(-2).expand(*xs.shape, V)
     return (p * rule.accept_prob(P, Q, xs)).sum(-1)
 
-# %% ../nbs/30_specdec.ipynb #e3686ab6
-class BigramLM(nn.Module):
-    "A causal LM over a transition table: logits(next | ..., t) = table[t]; HF-like forward, for exact chain tests"
-    def __init__(self, table): # (V, V) next-token logits given the current token
-        super().__init__()
-        self.table = nn.Parameter(torch.as_tensor(table), requires_grad=False)
-        self.config = SimpleNamespace(vocab_size=self.table.shape[0], model_type='bigram')
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        return SimpleNamespace(logits=self.table[input_ids], past_key_values=past_key_values)
-
-def markov_table(V, seed=0, support=4, sharpness=2.0):
-    "A random (V, V) transition matrix where each token has `support` likely successors"
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.full((V, V), -6.0) + 0.5 * torch.randn(V, V, generator=g)
-    succ = torch.rand(V, V, generator=g).argsort(-1)[:, :support]
-    logits.scatter_(1, succ, sharpness * torch.randn(V, support, generator=g).abs() + 2)
-    return logits.softmax(-1)
-
-def make_markov_corpus(n_seqs, seq_len, V=64, seed=0, table=None):
-    "`n_seqs` sequences (n_seqs, seq_len) from a Markov chain (table: `markov_table(V, seed)` unless given); returns (ids, table)"
-    table = markov_table(V, seed) if table is None else table
-    g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.empty(n_seqs, seq_len, dtype=torch.long)
-    ids[:, 0] = torch.randint(0, table.shape[0], (n_seqs,), generator=g)
-    for t in range(1, seq_len): ids[:, t] = torch.multinomial(table[ids[:, t - 1]], 1, generator=g).squeeze(-1)
-    return ids, table
-
 # %% ../nbs/30_specdec.ipynb #abe2072a
 def check_pair(target, draft, target_tokenizer=None, draft_tokenizer=None):
     "Raise unless `target` and `draft` share a vocabulary (and tokenizers, if given) and a device"
@@ -378,9 +352,8 @@ class StaticLlama(nn.Module):
                  max_len, # KV slots: prompt + new tokens + k + 1
                  batch_size=1):
         super().__init__()
+        require_arch(model, ('llama', 'mistral', 'qwen2'), 'StaticLlama')
         c = model.config
-        if getattr(c, 'model_type', None) not in ('llama', 'mistral', 'qwen2'):
-            raise ValueError(f"StaticLlama supports model types ['llama', 'mistral', 'qwen2'], got {getattr(c, 'model_type', None)!r}")
         self.model, self.max_len = model, max_len
         self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
         self.hd = getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
@@ -504,26 +477,3 @@ def spec_decode_static(tdec, # StaticLlama of the target, max_len >= prompt + ma
     _sync(dev)
     wall = time.perf_counter() - t0
     return SpecOutput(seq[:, :T0 + max_new_tokens], acc, k * calls, [], wall, rows, max_new_tokens, calls), wall
-
-# %% ../nbs/30_specdec.ipynb #49918776
-def markov_batches(table, seq_len, seed=0):
-    "A get_batch(step, batch_size) for `llmlit.train` drawing fresh sequences from the Markov chain `table`"
-    def get_batch(step, batch_size):
-        return dict(input_ids=make_markov_corpus(batch_size, seq_len, table=table, seed=seed * 1_000_003 + step)[0])
-    return get_batch
-
-@torch.no_grad()
-def sample_corpus(model, n_seqs, seq_len, start_ids, batch_size=256, seed=0):
-    "`n_seqs` sequences (n_seqs, seq_len) sampled from `model` at temperature 1, each from one start token in `start_ids`"
-    g = torch.Generator().manual_seed(seed)
-    dev, rows = model_device(model), []
-    for i in range(0, n_seqs, batch_size):
-        s = start_ids[torch.randint(0, len(start_ids), (min(batch_size, n_seqs - i), 1), generator=g)].to(dev)
-        rows.append(model.generate(s, attention_mask=torch.ones_like(s), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                   max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=0).cpu())
-    return torch.cat(rows)
-
-def chain_nll(seqs, table, start):
-    "Mean -log table[x_{t-1}, x_t] over the tokens of `seqs` (B, T) from position `start` on"
-    t = table.to(seqs.device)
-    return -t[seqs[:, start - 1:-1], seqs[:, start:]].clamp_min(1e-12).log().mean().item()

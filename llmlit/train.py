@@ -6,19 +6,22 @@ Docs: https://llmlit.github.io/llmlit/train.html.md"""
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'PEAK_FLOPS', 'TrainConfig', 'lr_at', 'pack_dataset', 'batch_indices', 'model_context', 'check_seq_len',
-           'token_loss_sum', 'peak_flops', 'matmul_params', 'flops_per_token', 'latest_checkpoint', 'TrainResult',
-           'no_decay_names', 'train_causal_lm']
+           'token_loss_sum', 'causal_lm_loss', 'peak_flops', 'matmul_params', 'flops_per_token', 'decoder_layers',
+           'latest_checkpoint', 'TrainResult', 'no_decay_names', 'train_causal_lm']
 
 # %% ../nbs/02_train.ipynb #5184ce9d
 import functools, json, logging, math, os, shutil, time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from .core import get_device, seed_everything, progress
 from .models import count_params
 
@@ -47,6 +50,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)  # AdamW betas
     device: str = None          # None: accelerate's choice (a GPU if any); 'cpu' forces the CPU
     peak_flops: float = None    # per-device peak FLOP/s for MFU; None: from PEAK_FLOPS by GPU name
+    fsdp: bool = False          # shard weights, gradients and optimizer state over processes (torch FSDP2); False: DDP
 
     def __post_init__(self):
         _need(self, 'steps', _is_int(self.steps) and self.steps >= 1, 'an integer >= 1')
@@ -66,6 +70,7 @@ class TrainConfig:
         _need(self, 'device', self.device in (None, 'cpu', 'cuda'), "None, 'cpu' or 'cuda'")
         _need(self, 'ckpt_every', not (self.ckpt_every and not self.ckpt_dir), '0 while ckpt_dir is None (set ckpt_dir to save checkpoints)')
         _need(self, 'seed', _is_int(self.seed), 'an integer')
+        _need(self, 'fsdp', isinstance(self.fsdp, bool), 'True or False')
 
 def _is_int(x): return isinstance(x, int) and not isinstance(x, bool)
 def _is_num(x): return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -141,61 +146,80 @@ def check_seq_len(seq_len, # the length to check
         raise ValueError(f"{what} {seq_len} exceeds the model's context: config.{key}={ctx}")
 
 # %% ../nbs/02_train.ipynb #92c472ed
+def _is_ids(key): return key == 'input_ids' or key.endswith('_ids')
+
 class _DatasetSource:
-    "Rows of a `datasets.Dataset` in the (seed, step) order; each process reads only its share"
-    def __init__(self, ds, cfg, model, rank=0, world=1):
-        if 'input_ids' not in ds.column_names:
+    "Rows of a `datasets.Dataset` in the (seed, step) order, every column a tensor; each process reads only its share"
+    def __init__(self, ds, cfg, model, rank=0, world=1, lm=True):
+        if lm and 'input_ids' not in ds.column_names:
             raise ValueError(f"the training dataset needs an 'input_ids' column; it has {ds.column_names}")
         if len(ds) == 0: raise ValueError("the training dataset is empty")
-        self.cols = [c for c in ('input_ids', 'labels') if c in ds.column_names]
-        lens = _row_lengths(ds)
-        check_seq_len(max(lens), model, 'the training dataset has a sequence of length')
-        if min(lens) != max(lens):
-            raise ValueError(f"training rows have lengths from {min(lens)} to {max(lens)}; pack them to one length "
-                             f"with pack_dataset(ds, seq_len={cfg.seq_len})")
-        if lens[0] != cfg.seq_len:
-            raise ValueError(f"training rows have length {lens[0]} but TrainConfig.seq_len={cfg.seq_len}")
-        self.ds, self.cfg, self.rank, self.world = ds.with_format('torch', columns=self.cols), cfg, rank, world
+        table = ds.with_format('arrow')[:]
+        for c in ds.column_names: _check_column(table[c], c, cfg, model)
+        self.ds, self.cfg, self.rank, self.world = ds.with_format('torch'), cfg, rank, world
+        for c, v in self.ds[:1].items():
+            if not torch.is_tensor(v):
+                raise TypeError(f"the training dataset's column '{c}' does not hold numbers; drop it with ds.remove_columns(['{c}'])")
 
     def __call__(self, step):
         b = self.cfg.batch_size // self.world
         idx = batch_indices(step, self.cfg.batch_size, len(self.ds), self.cfg.seed)[self.rank * b:(self.rank + 1) * b]
-        rows = self.ds[idx.tolist()]
-        ids = rows['input_ids'].long()
-        return ids, rows['labels'].long() if 'labels' in rows else ids
+        return dict(self.ds[idx.tolist()])
 
-def _row_lengths(ds):
-    "Length of every `input_ids` row, read from the Arrow table without decoding it"
-    import pyarrow.compute as pc
-    return pc.list_value_length(ds.with_format('arrow')[:]['input_ids']).to_numpy()
+def _check_column(col, c, cfg, model):
+    "Raise unless the Arrow list column `col` (named `c`) has rows of one length (`cfg.seq_len` for input_ids) that fit the model"
+    import pyarrow as pa, pyarrow.compute as pc
+    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type): return
+    lens = pc.list_value_length(col).to_numpy()
+    if _is_ids(c): check_seq_len(max(lens), model, f"the training dataset's column '{c}' has a sequence of length")
+    if min(lens) != max(lens):
+        fix = f"pack them to one length with pack_dataset(ds, seq_len={cfg.seq_len})" if c == 'input_ids' else "pad them to one length"
+        raise ValueError(f"training rows of column '{c}' have lengths from {min(lens)} to {max(lens)}; {fix}")
+    if c == 'input_ids' and lens[0] != cfg.seq_len:
+        raise ValueError(f"training rows have length {lens[0]} but TrainConfig.seq_len={cfg.seq_len}")
 
 class _FunctionSource:
-    "Global batches from `get_batch(step, batch_size)`; each process keeps its slice of rows"
-    def __init__(self, fn, cfg, model, rank=0, world=1): self.fn, self.cfg, self.model, self.rank, self.world = fn, cfg, model, rank, world
+    "Global batches from `get_batch(step, batch_size)`, checked; each process keeps its slice of rows"
+    def __init__(self, fn, cfg, model, rank=0, world=1, lm=True):
+        self.fn, self.cfg, self.model, self.rank, self.world, self.lm = fn, cfg, model, rank, world, lm
 
     def __call__(self, step):
-        d = self.fn(step, self.cfg.batch_size)
-        ids = d['input_ids']; labels = d.get('labels')
-        labels = ids if labels is None else labels
         B = self.cfg.batch_size
-        if not (torch.is_tensor(ids) and ids.ndim == 2 and ids.shape[0] == B):
-            raise ValueError(f"get_batch(step={step}, batch_size={B}) must return input_ids as a (B={B}, T) tensor; "
-                             f"got {getattr(ids, 'shape', type(ids).__name__)}")
-        if labels.shape != ids.shape: raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(ids.shape)}")
-        check_seq_len(ids.shape[1], self.model, f'get_batch(step={step}) returned a sequence of length')
+        d, where = self.fn(step, B), f"get_batch(step={step}, batch_size={B})"
+        _check_batch(d, B, where)
+        if self.lm: _check_lm_batch(d, where)
+        for k, v in d.items():
+            if _is_ids(k) and v.ndim >= 2: check_seq_len(v.shape[1], self.model, f"get_batch(step={step}) returned a '{k}' sequence of length")
         b = B // self.world
-        sl = slice(self.rank * b, (self.rank + 1) * b)
-        return ids[sl].long(), labels[sl].long()
+        return {k: v[self.rank * b:(self.rank + 1) * b] for k, v in d.items()}
+
+def _check_batch(d, rows, where):
+    "Raise unless `d` is a non-empty dict of tensors with `rows` rows each, naming the first key that is not"
+    if not isinstance(d, Mapping) or not d: raise TypeError(f"{where} must return a non-empty dict of tensors; got {d!r:.80}")
+    for k, v in d.items():
+        if not torch.is_tensor(v) or v.ndim == 0:
+            raise TypeError(f"{where} returned '{k}' as {type(v).__name__}{'' if not torch.is_tensor(v) else ' of no dimension'}; "
+                            f"every value must be a tensor of {rows} rows")
+        if v.shape[0] != rows: raise ValueError(f"{where} returned '{k}' with {v.shape[0]} rows (first dimension); expected {rows}")
+
+def _check_lm_batch(d, where):
+    "Raise unless `d` has what the default loss reads: (B, T) input_ids and, if present, labels of the same shape"
+    ids, labels = d.get('input_ids'), d.get('labels')
+    if ids is None or ids.ndim != 2:
+        raise ValueError(f"{where} must return input_ids as a (B, T) tensor for the default loss; "
+                         f"got {None if ids is None else tuple(ids.shape)}")
+    if labels is not None and labels.shape != ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(ids.shape)}")
 
 def _to_device(t, device):
     "Copy a CPU batch to `device` without blocking the host (through pinned memory on CUDA)"
     if t.device.type != 'cpu' or device.type != 'cuda': return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
-def _make_source(data, cfg, model, rank, world):
-    "The batch source for `data`: a `datasets.Dataset` or a `get_batch(step, batch_size)` function"
-    if hasattr(data, 'column_names'): return _DatasetSource(data, cfg, model, rank, world)
-    if callable(data): return _FunctionSource(data, cfg, model, rank, world)
+def _make_source(data, cfg, model, rank, world, lm=True):
+    "The batch source for `data`: a `datasets.Dataset` or a `get_batch(step, batch_size)` function; `lm`: for the default loss"
+    if hasattr(data, 'column_names'): return _DatasetSource(data, cfg, model, rank, world, lm)
+    if callable(data): return _FunctionSource(data, cfg, model, rank, world, lm)
     raise TypeError(f"data must be a datasets.Dataset or a function get_batch(step, batch_size); got {type(data).__name__}")
 
 # %% ../nbs/02_train.ipynb #583c32a8
@@ -203,6 +227,26 @@ def token_loss_sum(logits, # (B, T, V) next-token logits
                    labels): # (B, T) token ids; -100 marks positions without a target
     "Summed next-token cross-entropy: logits at t predict labels at t+1"
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction='sum')
+
+def causal_lm_loss(model, # the (wrapped) model being trained
+                   batch): # dict with (B, T) `input_ids` and optional `labels` (-100: no target); targets default to input_ids
+    "The default `loss_fn`: summed next-token cross-entropy and the number of target tokens"
+    ids = batch['input_ids'].long()
+    labels = batch['labels'].long() if 'labels' in batch else ids
+    return token_loss_sum(model(input_ids=ids, use_cache=False).logits, labels), (labels[:, 1:] != -100).sum()
+
+def _check_loss(out, device):
+    "loss_fn's (loss_sum, n_items), with n_items as a tensor on `device`; a clear error if it is not that"
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"loss_fn(model, batch) must return (loss_sum, n_items); got {type(out).__name__}")
+    loss, n = out
+    if not (torch.is_tensor(loss) and loss.ndim == 0 and loss.is_floating_point()):
+        got = f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if torch.is_tensor(loss) else type(loss).__name__
+        raise TypeError(f"loss_fn's loss_sum must be a scalar float tensor (the loss summed over the batch's items); got {got}")
+    if not loss.requires_grad: raise ValueError("loss_fn's loss_sum does not depend on any trainable parameter of the model")
+    if not (_is_num(n) or (torch.is_tensor(n) and n.ndim == 0)):
+        raise TypeError(f"loss_fn's n_items must be a number or a scalar tensor; got {getattr(n, 'shape', type(n).__name__)}")
+    return loss, torch.as_tensor(n, device=device)
 
 # %% ../nbs/02_train.ipynb #6b3749ef
 PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # dense bf16 FLOP/s per GPU
@@ -226,8 +270,48 @@ def flops_per_token(model, seq_len):
     d = getattr(c, 'hidden_size', None) or getattr(c, 'n_embd', 0)
     return 6 * matmul_params(model) + 12 * L * d * seq_len
 
+# %% ../nbs/02_train.ipynb #ec9fccb5
+def decoder_layers(model):
+    "The repeated blocks FSDP shards one by one: modules of the classes named in `model._no_split_modules`, else the longest ModuleList of one class"
+    names = set(getattr(model, '_no_split_modules', None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if found: return found
+    lists = [l for l in model.modules() if isinstance(l, torch.nn.ModuleList) and len(l) and len({type(c) for c in l}) == 1]
+    return list(max(lists, key=len, default=[]))
+
+def _fsdp(model, compile=False):
+    "Shard `model` in place with FSDP2: rank 0's weights to every process, then each decoder layer (compiled first if asked), then the rest"
+    from torch.distributed.fsdp import fully_shard
+    for t in [*model.parameters(), *model.buffers()]: dist.broadcast(t.data, 0)  # as DDP does: every process starts from rank 0's model
+    layers = decoder_layers(model)
+    if not layers: _log.warning(f"no decoder layers found in {type(model).__name__}: FSDP shards it as one unit")
+    for layer in layers:
+        if compile: layer.compile()
+        fully_shard(layer)
+    return fully_shard(model)
+
+class _Shards:
+    "Model and optimizer state of an FSDP run, saved and loaded as one sharded torch.distributed.checkpoint (DCP) folder"
+    def __init__(self, model, opt): self.model, self.opt = model, opt
+
+    def save(self, path):
+        "Write every process's shards of the model and optimizer state into the folder `path`"
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        m, o = get_state_dict(self.model, self.opt)
+        dcp.save(dict(model=m, optim=o), checkpoint_id=str(path))
+
+    def load(self, path):
+        "Read the shards saved at `path` into the model and optimizer"
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        m, o = get_state_dict(self.model, self.opt)
+        state = dict(model=m, optim=o)
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.opt, model_state_dict=state['model'], optim_state_dict=state['optim'])
+
 # %% ../nbs/02_train.ipynb #6f624dd6
-_RESUME_KEYS = ('steps', 'lr', 'batch_size', 'seq_len', 'warmup', 'weight_decay', 'grad_clip', 'seed', 'min_lr_ratio')
+_RESUME_KEYS = ('steps', 'lr', 'batch_size', 'seq_len', 'warmup', 'weight_decay', 'grad_clip', 'seed', 'min_lr_ratio', 'fsdp')
 
 def latest_checkpoint(ckpt_dir):
     "The newest complete checkpoint folder `step_NNNNNNN` under `ckpt_dir`, or None"
@@ -236,13 +320,14 @@ def latest_checkpoint(ckpt_dir):
     done = [p for p in d.glob('step_*') if p.name[5:].isdigit() and (p/'meta.json').exists()]
     return max(done, key=lambda p: int(p.name[5:]), default=None)
 
-def _save_checkpoint(acc, ckpt_dir, meta):
-    "Write a checkpoint atomically: save into a temporary folder, rename it, then drop older ones"
+def _save_checkpoint(acc, ckpt_dir, meta, shards=None):
+    "Write a checkpoint atomically: save into a temporary folder (FSDP `shards` into its `sharded/`), rename it, drop older ones"
     d = Path(ckpt_dir); final = d/f"step_{meta['step']:07d}"; tmp = d/f".tmp-{final.name}"
     if acc.is_main_process:
         d.mkdir(parents=True, exist_ok=True); shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    if shards is not None: shards.save(tmp/'sharded')
     acc.wait_for_everyone()
     if acc.is_main_process:
         (tmp/'meta.json').write_text(json.dumps(meta))
@@ -251,14 +336,16 @@ def _save_checkpoint(acc, ckpt_dir, meta):
             if old != final: shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
 
-def _load_checkpoint(acc, path, cfg):
+def _load_checkpoint(acc, path, cfg, shards=None):
     "Restore the state saved at `path` and return its meta, after checking that `cfg` matches the saved run"
     meta = json.loads((Path(path)/'meta.json').read_text())
-    diff = {k: (meta['config'][k], getattr(cfg, k)) for k in _RESUME_KEYS if meta['config'].get(k) != _jsonable(getattr(cfg, k))}
+    saved = {k: meta['config'].get(k, _jsonable(getattr(TrainConfig, k))) for k in _RESUME_KEYS}  # keys added later: their default
+    diff = {k: (saved[k], getattr(cfg, k)) for k in _RESUME_KEYS if saved[k] != _jsonable(getattr(cfg, k))}
     if diff:
         raise ValueError(f"the checkpoint {path} was written by a run with other settings (saved, now): {diff}; "
                          "use another ckpt_dir or the same TrainConfig")
     acc.load_state(str(path))
+    if shards is not None: shards.load(Path(path)/'sharded')
     return meta
 
 def _jsonable(v): return list(v) if isinstance(v, tuple) else v
@@ -281,28 +368,41 @@ class TrainResult:
 def _accelerator(cfg):
     "An `Accelerator` on the requested device; autocast is done by the loop, so accelerate's mixed precision is off"
     if cfg.device == 'cuda': get_device('cuda')
-    kw = dict(cpu=cfg.device == 'cpu', mixed_precision='no', step_scheduler_with_optimizer=False)
+    cpu = cfg.device == 'cpu' or (cfg.device is None and not torch.cuda.is_available())  # accelerate sets up CPU processes only when told
+    kw = dict(cpu=cpu, mixed_precision='no', step_scheduler_with_optimizer=False)
     try: return Accelerator(**kw)
     except ValueError:  # an earlier run in this process fixed another device; a single process may start afresh
         if int(os.environ.get('WORLD_SIZE', '1')) > 1: raise
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(**kw)
 
+def _check_parallel(cfg, acc):
+    "Refuse a launch of several processes that accelerate set up as one, FSDP on one process, and accelerate's own FSDP"
+    launched = int(os.environ.get('WORLD_SIZE', '1'))
+    if launched > 1 and acc.num_processes == 1:
+        raise RuntimeError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up {acc.num_processes}; "
+                           "each would train alone")
+    if cfg.fsdp and acc.num_processes < 2:
+        raise ValueError("TrainConfig.fsdp=True needs 2 or more processes (launch the script with torchrun or accelerate launch); "
+                         "one process has nothing to shard")
+    asked = acc.distributed_type == DistributedType.FSDP or os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() == 'true'
+    if asked and not cfg.fsdp:
+        raise ValueError("accelerate was asked for FSDP (--use_fsdp or an accelerate config) but TrainConfig.fsdp=False; "
+                         "set TrainConfig(fsdp=True): llmlit.train shards with torch's FSDP2 itself")
+
 def _autocast_dtype(cfg, device):
     "The autocast dtype: bf16 on CUDA under 'auto', as requested otherwise, None for fp32"
     if cfg.precision == 'bf16' or (cfg.precision == 'auto' and device.type == 'cuda'): return torch.bfloat16
     return None
 
-def _compiled_fwd_loss(model, dtype, device, compile, world):
-    "loss_sum(x, y): forward under autocast and the summed loss; compiled as one graph on one process"
-    def fwd(m, x, y):
+def _loss_call(model, loss_fn, dtype, device, compile, world):
+    "loss(batch) -> loss_fn(model, batch) under autocast; with `compile`, one graph on one process, the DDP wrapper on several"
+    def fwd(m, batch):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = m(input_ids=x, use_cache=False).logits
-        return token_loss_sum(logits, y)
+            return loss_fn(m, batch)
     if not compile: return functools.partial(fwd, model)
     if world == 1: return functools.partial(torch.compile(fwd), model)  # logits never leave the graph
-    cmodel = torch.compile(model)  # under DDP compile the wrapper, so that dynamo splits the graph at its buckets
-    return functools.partial(fwd, cmodel)
+    return functools.partial(fwd, torch.compile(model))  # under DDP compile the wrapper, so that dynamo splits the graph at its buckets
 
 _WRAPPERS = ('_fsdp_wrapped_module.', '_checkpoint_wrapped_module.', '_orig_mod.')
 
@@ -323,29 +423,30 @@ def _param_groups(model, no_decay, weight_decay):
 
 # %% ../nbs/02_train.ipynb #33133648
 class _Run:
-    "The state of one training run: the prepared model, optimizer, schedule, data, curves"
-    def __init__(self, model, data, cfg, eval_fn):
+    "The state of one training run: the prepared model, optimizer, schedule, data, loss, curves"
+    def __init__(self, model, data, cfg, eval_fn, loss_fn=None):
         self.cfg, self.eval_fn = cfg, eval_fn
         self.acc = acc = _accelerator(cfg)
         self.world, self.rank = acc.num_processes, acc.process_index
+        _check_parallel(cfg, acc)
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of processes x grad_accum = "
                              f"{self.world} x {cfg.grad_accum}")
-        self.source = _make_source(data, cfg, model, self.rank, self.world)
+        self.source = _make_source(data, cfg, model, self.rank, self.world, lm=loss_fn is None)
         check_seq_len(cfg.seq_len, model, 'TrainConfig.seq_len')
         self.dtype = _autocast_dtype(cfg, acc.device)
         peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(acc.device)) if acc.device.type == 'cuda' and self.dtype else None)
         self.flops_tok, self.peak = flops_per_token(model, cfg.seq_len), peak
         seed_everything(cfg.seed)
         model.to(acc.device).train()
-        no_decay = no_decay_names(model)  # FSDP flattens parameters: decide by name, before wrapping
-        self.model = acc.prepare(model)
+        no_decay = no_decay_names(model)  # decided by name, before any wrapping
+        self.model = _fsdp(model, cfg.compile) if cfg.fsdp else acc.prepare(model)
         opt = torch.optim.AdamW(_param_groups(self.model, no_decay, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                 fused=acc.device.type == 'cuda')
         self.sched = LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
-        self.opt = acc.prepare(opt)
+        self.opt, self.shards = (opt, _Shards(self.model, opt)) if cfg.fsdp else (acc.prepare(opt), None)
         acc.register_for_checkpointing(self.sched)
-        self.fwd_loss = _compiled_fwd_loss(self.model, self.dtype, acc.device, cfg.compile, self.world)
+        self.loss = _loss_call(self.model, loss_fn or causal_lm_loss, self.dtype, acc.device, cfg.compile and not cfg.fsdp, self.world)
         self.state = dict(step=0, history=[], evals=[], losses=[], tokens=0)
         self.pending, self.window = [], (time.perf_counter(), 0)
 
@@ -353,40 +454,53 @@ class _Run:
         "Load the latest checkpoint of `cfg.ckpt_dir`, if any"
         path = latest_checkpoint(self.cfg.ckpt_dir)
         if path is not None:
-            meta = _load_checkpoint(self.acc, path, self.cfg)
+            meta = _load_checkpoint(self.acc, path, self.cfg, self.shards)
             self.state.update({k: meta[k] for k in self.state})
             _log.info(f"resumed from {path} at step {self.state['step']}")
 
+    def _grad_sync(self, last):
+        "A context for one micro-step's backward: gradients are reduced across processes only on the `last` one"
+        if self.shards is not None: self.model.set_requires_gradient_sync(last); return nullcontext()
+        return nullcontext() if last else self.acc.no_sync(self.model)
+
+    def _global(self, n):
+        "n_items summed over processes, and a divisor that is n where it is > 0 (a zero count is reported at the next sync)"
+        if self.world > 1: n = self.acc.reduce(n, 'sum')
+        return n, torch.where(n > 0, n, 1)
+
     def step(self, s):
         "One optimizer step on the global batch of step `s`; nothing here waits for the GPU"
-        ids, labels = self.source(s)
-        ids, labels = _to_device(ids, self.acc.device), (None if labels is ids else _to_device(labels, self.acc.device))
-        labels = ids if labels is None else labels
-        n_tgt = (labels[:, 1:] != -100).sum()
-        if self.world > 1: n_tgt = self.acc.reduce(n_tgt, 'sum')
-        n_tgt = n_tgt.clamp(min=1)
-        total, micro = 0.0, ids.shape[0] // self.cfg.grad_accum
-        for k in range(self.cfg.grad_accum):
-            x, y = ids[k * micro:(k + 1) * micro], labels[k * micro:(k + 1) * micro]
-            last = k == self.cfg.grad_accum - 1
-            with (nullcontext() if last else self.acc.no_sync(self.model)):
-                loss = self.fwd_loss(x, y)
-                self.acc.backward(loss * (self.world / n_tgt))
-            total = total + loss.detach()
-        if self.cfg.grad_clip: self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        batch = {k: _to_device(v, self.acc.device) for k, v in self.source(s).items()}
+        ga = self.cfg.grad_accum
+        micro = len(next(iter(batch.values()))) // ga
+        total = n = 0
+        for k in range(ga):
+            with self._grad_sync(k == ga - 1):
+                loss, n_k = _check_loss(self.loss({key: v[k * micro:(k + 1) * micro] for key, v in batch.items()}), self.acc.device)
+                if ga == 1: n_all, div = self._global(n_k)  # the global count is known before the only backward
+                self.acc.backward(loss * (self.world / div) if ga == 1 else loss * self.world)
+            total, n = total + loss.detach(), n + n_k
+        if ga > 1:  # the global count is known only now: scale the summed gradients to the mean
+            n_all, div = self._global(n)
+            for p in self.model.parameters():
+                if p.grad is not None: p.grad.div_(div)
+        if self.cfg.grad_clip: torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step(); self.sched.step(); self.opt.zero_grad(set_to_none=True)
-        self.pending.append(total / n_tgt)
+        self.pending.append((total / div, n_all.float()))
         self.state['step'] = s + 1
-        self.state['tokens'] += self.cfg.batch_size * ids.shape[1]
+        self.state['tokens'] += sum(self.cfg.batch_size * v.shape[1] for k, v in batch.items() if _is_ids(k) and v.ndim >= 2)
 
     def sync(self):
-        "Bring pending losses to the host, stop on a non-finite one, and log the window's loss, tokens/s and MFU"
+        "Bring pending losses to the host, stop on a non-finite one or a zero n_items, log the window's loss, tokens/s and MFU"
         if not self.pending: return None
-        vals = torch.stack(self.pending)
+        losses, ns = zip(*self.pending)
+        vals = torch.stack(losses)
         if self.world > 1: vals = self.acc.reduce(vals, 'sum')
-        vals = vals.tolist()
+        vals, ns = vals.tolist(), torch.stack(ns).tolist()
         first = self.state['step'] - len(vals)
-        for i, v in enumerate(vals):
+        for i, (v, n) in enumerate(zip(vals, ns)):
+            if not n > 0: raise ValueError(f"loss_fn's n_items sum to {n} over all processes at step {first + i + 1} (1-based); "
+                                           "the loss is their mean, so they must sum to more than 0 (the default loss counts labels other than -100)")
             if not math.isfinite(v): raise FloatingPointError(f"the training loss is {v} at step {first + i + 1} (1-based)")
         t0, tok0 = self.window; now = time.perf_counter()
         tps = (self.state['tokens'] - tok0) / max(now - t0, 1e-9)
@@ -411,18 +525,20 @@ class _Run:
         "Save the run's state into `cfg.ckpt_dir`"
         meta = dict(self.state, config=asdict(self.cfg))
         meta['config']['betas'] = list(self.cfg.betas)
-        _save_checkpoint(self.acc, self.cfg.ckpt_dir, meta)
+        _save_checkpoint(self.acc, self.cfg.ckpt_dir, meta, self.shards)
 
 # %% ../nbs/02_train.ipynb #698c4f5b
 def train_causal_lm(model, # a Hugging Face causal LM (anything returning `.logits` for `input_ids`)
-                    data, # a datasets.Dataset with equal-length `input_ids` rows (and optional `labels`), or get_batch(step, batch_size)
+                    data, # a datasets.Dataset (every column a batch key) or get_batch(step, batch_size) -> dict of (batch_size, ...) tensors
                     cfg=None, # a TrainConfig; default TrainConfig()
-                    eval_fn=None): # eval_fn(model, step) -> dict of floats, every `cfg.eval_every` steps and at the end
-    "Train `model` on `data` with AdamW, warmup + cosine and token-mean cross-entropy; returns a `TrainResult`"
+                    eval_fn=None, # eval_fn(model, step) -> dict of floats, every `cfg.eval_every` steps and at the end
+                    loss_fn=None): # loss_fn(model, batch) -> (loss_sum, n_items); None: `causal_lm_loss` (token-mean cross-entropy)
+    "Train `model` on `data` with AdamW, warmup + cosine and the mean of `loss_fn` over the global batch; returns a `TrainResult`"
     cfg = cfg or TrainConfig()
     if not isinstance(cfg, TrainConfig): raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if loss_fn is not None and not callable(loss_fn): raise TypeError(f"loss_fn must be a function (model, batch) -> (loss_sum, n_items); got {type(loss_fn).__name__}")
     t0 = time.perf_counter()
-    r = _Run(model, data, cfg, eval_fn)
+    r = _Run(model, data, cfg, eval_fn, loss_fn)
     if cfg.ckpt_dir: r.resume()
     start = r.state['step']
     bar = progress(total=cfg.steps, initial=start, desc='train') if r.acc.is_main_process else _NoBar()

@@ -1,24 +1,26 @@
 "The `llmlit` command on a temporary checkout with tiny method notebooks (each run starts a kernel: ~2-4 s)"
-import json, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys
 from pathlib import Path
 import nbformat, pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from llmlit.cli import main
+from llmlit import experiments
 from llmlit.experiments import get_method
 
 PARAMS = "preset = 'quick'  # 'quick' or 'full'\nn_steps = 10  # steps\nlr = 0.5  # step size\ntag = 'a'  # free text"
 BODY = """PRESETS = dict(quick=dict(mult=1), full=dict(mult=100))
-from llmlit.core import save_result
-score = n_steps * lr * PRESETS[preset]['mult']
-rows = [dict(claim='{name} claim', paper=2.5, ours=score, verdict='falls short' if score < 2.5 else 'matches')]
+from llmlit.core import claim_row, preset_config, save_result
+cfg = preset_config(PRESETS, preset)
+score = n_steps * lr * cfg['mult']
+rows = [claim_row('{name} claim', paper=2.5, ours=score, rule='ours >= paper', matches=score >= 2.5)]
 save_result(dict(score=score, tag=tag, reproduction=rows), '{name}', preset, params=dict(n_steps=n_steps))"""
 
-def make_method(nbs, name, num, fail=False):
-    "A tiny method notebook `nbs/{num}_{name}.ipynb`; with `fail` it raises after saving its result"
-    params = new_code_cell(PARAMS, metadata=dict(tags=['parameters']))
-    body = BODY.replace('{name}', name) + ("\nraise RuntimeError('boom')" if fail else '')
-    nb = new_notebook(cells=[new_markdown_cell(f'# {name}'), new_code_cell(f'#| default_exp {name}'), params, new_code_cell(body)],
-                      metadata=dict(kernelspec=dict(name='python3', language='python', display_name='Python 3')))
+def make_method(nbs, name, num, fail=False, params=PARAMS, body=BODY, extra=()):
+    "A tiny method notebook `nbs/{num}_{name}.ipynb`; with `fail` it raises after saving its result; `extra` cells run first"
+    cells = [new_markdown_cell(f'# {name}'), new_code_cell(f'#| default_exp {name}'),
+             new_code_cell(params, metadata=dict(tags=['parameters'])), *map(new_code_cell, extra),
+             new_code_cell(body.replace('{name}', name) + ("\nraise RuntimeError('boom')" if fail else ''))]
+    nb = new_notebook(cells=cells, metadata=dict(kernelspec=dict(name='python3', language='python', display_name='Python 3')))
     nbs.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, nbs/f'{num}_{name}.ipynb')
 
@@ -101,8 +103,52 @@ def test_report_has_reproduction_rows(ran_all, capsys):
     root, _ = ran_all
     code, out, _ = cli(root, 'report', capsys=capsys)
     assert code == 0
+    row = next(l for l in out.splitlines() if 'good claim' in l)
+    assert [c.strip() for c in row.strip('|').split('|')] == ['matches', 'good', 'full', 'good claim', '2.5', '500']
+    board = next(l for l in out.splitlines() if l.startswith('| good'))
+    assert [c.strip() for c in board.strip('|').split('|')] == ['good', 'full', '1', '0', '0']
     page = (root/'nbs/reproductions.md').read_text()
-    for text in (out, page):
-        row = next(l for l in text.splitlines() if 'good claim' in l)
-        assert [c.strip() for c in row.strip('|').split('|')] == ['good', 'full', 'good claim', '2.5', '500', 'matches']
-    assert 'bad claim' not in page and page.startswith('---\ntitle: Reproductions\n')
+    assert page.startswith('---\ntitle: Reproductions\n') and 'bad claim' not in page
+    assert ('<div class="llmlit-claim"><p><span class="llmlit-v llmlit-matches">matches</span> <strong>good claim</strong></p>'
+            '<dl class="llmlit-details"><dt>paper</dt><dd>2.5</dd><dt>ours</dt><dd>500</dd><dt>rule</dt><dd>ours &gt;= paper</dd></dl>'
+            '</div>') in page, page
+    assert '<span class="llmlit-v llmlit-matches">1 matches</span>' in page
+
+KNOB = "preset = 'quick'  # 'quick' or 'full'\nn_steps = None  # steps (None: the preset's)\nlr = 0.5  # step size\ntag = 'a'  # free text"
+KNOB_BODY = """PRESETS = dict(quick=dict(n_steps=2, mult=1), full=dict(n_steps=20, mult=100))
+from llmlit.core import preset_config, save_result
+cfg = preset_config(PRESETS, preset, n_steps=n_steps)
+save_result(dict(score=cfg['n_steps'] * lr * cfg['mult']), '{name}', preset)"""
+
+def test_knob_holds_under_every_preset(tmp_path, capsys):
+    make_method(tmp_path/'nbs', 'knob', 10, params=KNOB, body=KNOB_BODY)
+    code, out, err = cli(tmp_path, 'run', 'knob', '--preset', 'full', '-p', 'n_steps=3', capsys=capsys)
+    assert code == 0, out + err
+    assert json.loads((tmp_path/'results/knob/full.json').read_text())['metrics']['score'] == pytest.approx(150.0)
+
+@pytest.mark.parametrize('argv,preset', [([], 'quick'), (['--preset', 'full'], 'full'), (['-p', 'preset=full'], 'full')])
+def test_preset_overriding_a_param_is_refused(tmp_path, capsys, argv, preset):
+    make_method(tmp_path/'nbs', 'lax', 10, params=KNOB, body=KNOB_BODY.replace(', n_steps=n_steps)', ')'))
+    code, _, err = cli(tmp_path, 'run', 'lax', *argv, '-p', 'n_steps=3', capsys=capsys)
+    assert code == 2 and f"parameter 'n_steps' of method 'lax' would be ignored under preset '{preset}'" in err, err
+    assert 'n_steps=n_steps to preset_config' in err and not (tmp_path/'runs').exists()
+    code, _, err = cli(tmp_path, 'run', 'lax', '-p', 'n_steps=abc', capsys=capsys)
+    assert code == 2 and "'n_steps' of method 'lax' expects int (default None)" in err, err  # a knob's type: its presets' values
+
+def test_notebook_without_parameters_is_not_a_method(root, capsys):
+    nb = nbformat.read(root/'nbs/10_toy.ipynb', as_version=4)
+    nb.cells = [c for c in nb.cells if 'parameters' not in c.metadata.get('tags', [])]
+    nbformat.write(nb, root/'nbs/11_toy_lib.ipynb')
+    code, out, _ = cli(root, 'list', capsys=capsys)
+    assert code == 0 and '10_toy.ipynb' in out and '11_toy_lib' not in out
+    code, _, err = cli(root, 'run', '11_toy_lib', capsys=capsys)
+    assert code == 2 and "unknown method '11_toy_lib'; known methods: toy" in err, err
+
+def test_run_reports_progress(root, capsys, monkeypatch):
+    "Off a terminal, `llmlit run` writes which cell runs and for how long every PROGRESS_EVERY seconds"
+    monkeypatch.setattr(experiments, 'PROGRESS_EVERY', 0.5)
+    make_method(root/'nbs', 'slow', 20, extra=['import time; time.sleep(3)'])
+    code, out, err = cli(root, 'run', 'slow', capsys=capsys)
+    assert code == 0, out + err
+    during_sleep = re.findall(r'^slow \(quick\): cell 3 of 4, (\d+) s$', out, re.M)  # default_exp, parameters, sleep, body
+    assert len(during_sleep) >= 2 and int(during_sleep[-1]) >= 2, out

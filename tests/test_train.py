@@ -1,9 +1,9 @@
-"""llmlit.train: resume after SIGKILL, 2 processes vs 1, and the errors on bad input.
+"""llmlit.train: resume after SIGKILL, 2 processes vs 1 (DDP and FSDP), the loss hook, and the errors on bad input.
 
 The multi-process runs go through tests/_train_worker.py in subprocesses (plain python or torchrun with gloo on CPU)."""
 import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
-import pytest
+import psutil, pytest
 import torch
 from datasets import Dataset
 from llmlit.models import tiny_llama, tiny_gpt2
@@ -12,6 +12,8 @@ from llmlit.train import TrainConfig, train_causal_lm, pack_dataset, latest_chec
 WORKER = Path(__file__).with_name('_train_worker.py')
 ROOT = WORKER.parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(WORKER.parent))
+from _train_worker import corpus, pairs, pair_loss
 
 def _launch(out, *args, nproc=1):
     "Start the worker (under torchrun when nproc > 1) writing its losses to `out`; one thread per process"
@@ -22,11 +24,50 @@ def _launch(out, *args, nproc=1):
     return subprocess.Popen(cmd + ['--out', str(out), *map(str, args)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-def _result(proc, out, timeout=120):
+def _result(proc, out, timeout=180):
     "Wait for a worker and read its JSON, showing its output if it failed"
     log, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, log[-3000:]
     return json.loads(Path(out).read_text())
+
+def _run(tmp, name, *args, nproc=1): return _result(_launch(tmp/f'{name}.json', *args, nproc=nproc), tmp/f'{name}.json')
+
+def _rel(a, b):
+    "Largest relative difference between two loss curves of the same length"
+    assert len(a) == len(b), (len(a), len(b))
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+def _kill_after_checkpoint(tmp, name, ck, at, *args, nproc=1):
+    "Start a checkpointing run, SIGKILL it (torchrun and its workers) once a checkpoint of step >= `at` exists; return that step"
+    run = _launch(tmp/f'{name}.json', *args, '--ckpt-dir', ck, '--sleep', 0.1, nproc=nproc)
+    t0 = time.time()
+    while (latest_checkpoint(ck) is None or int(latest_checkpoint(ck).name[5:]) < at) and run.poll() is None:
+        assert time.time() - t0 < 150, 'no checkpoint appeared'
+        time.sleep(0.02)
+    assert run.poll() is None, f'the run ended before it was killed:\n{run.communicate()[0][-2000:]}'
+    workers = psutil.Process(run.pid).children(recursive=True)  # torchrun starts its workers in sessions of their own
+    for p in [run, *workers]: p.send_signal(signal.SIGKILL)
+    run.communicate(); psutil.wait_procs(workers, timeout=30)
+    assert run.returncode == -signal.SIGKILL, run.returncode
+    assert not (tmp/f'{name}.json').exists()
+    return int(latest_checkpoint(ck).name[5:])
+
+@pytest.fixture(scope='module')
+def lm_one(tmp_path_factory):
+    "The default loss on 1 process with 2 accumulation micro-steps of 4 rows: the reference of the 2-process runs"
+    return _run(tmp_path_factory.mktemp('lm_one'), 'one', '--grad-accum', 2)
+
+@pytest.fixture(scope='module')
+def lm_fsdp(tmp_path_factory):
+    "The default loss on 2 processes sharded with FSDP, 4 rows each, uninterrupted"
+    return _run(tmp_path_factory.mktemp('lm_fsdp'), 'fsdp', '--fsdp', nproc=2)
+
+PAIR = ('--loss', 'pair', '--steps', 12)
+
+@pytest.fixture(scope='module')
+def pair_one(tmp_path_factory):
+    "The pairwise loss on 1 process with 2 micro-steps of 4 pairs, uninterrupted"
+    return _run(tmp_path_factory.mktemp('pair_one'), 'one', *PAIR, '--grad-accum', 2)
 
 # --- resume -------------------------------------------------------------------------------------------------
 
@@ -34,16 +75,9 @@ def test_resume_after_sigkill(tmp_path):
     "Kill a checkpointing run with SIGKILL after its second checkpoint; the resumed run ends with the uninterrupted run's loss"
     steps, ck = 20, tmp_path/'ck'
     ref = _launch(tmp_path/'ref.json', '--steps', steps)
-    run = _launch(tmp_path/'killed.json', '--steps', steps, '--ckpt-dir', ck, '--ckpt-every', 4, '--sleep', 0.1)
-    t0 = time.time()
-    while (latest_checkpoint(ck) is None or int(latest_checkpoint(ck).name[5:]) < 8) and run.poll() is None:
-        assert time.time() - t0 < 90, 'no checkpoint appeared'
-        time.sleep(0.02)
-    run.send_signal(signal.SIGKILL); log, _ = run.communicate()
-    assert run.returncode == -signal.SIGKILL, f'the run ended before it was killed:\n{log[-2000:]}'
-    killed_at = int(latest_checkpoint(ck).name[5:])
-    assert 8 <= killed_at < steps and not (tmp_path/'killed.json').exists()
-    res = _result(_launch(tmp_path/'resumed.json', '--steps', steps, '--ckpt-dir', ck, '--ckpt-every', 4), tmp_path/'resumed.json')
+    killed_at = _kill_after_checkpoint(tmp_path, 'killed', ck, 8, '--steps', steps, '--ckpt-every', 4)
+    assert 8 <= killed_at < steps
+    res = _run(tmp_path, 'resumed', '--steps', steps, '--ckpt-dir', ck, '--ckpt-every', 4)
     want = _result(ref, tmp_path/'ref.json')
     assert res['start_step'] == killed_at  # it really resumed, from the last checkpoint
     assert len(res['losses']) == steps and res['tokens'] == want['tokens']
@@ -70,7 +104,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 # --- processes ------------------------------------------------------------------------------------------------
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, lm_one):
     """torchrun with 2 CPU processes (gloo) and 1 process with 2 accumulation micro-steps, both at global batch 8,
     give the same loss curve.
 
@@ -79,18 +113,13 @@ def test_two_processes_match_one(tmp_path):
     ~1e-7 relative per step (measured: 2e-7 over the 20 steps). The 1e-4 relative tolerance sits far above that and
     below real faults: normalising each process's gradient by its own target count instead of the global one (the
     rows differ in how many targets they have) moved the curve by 1.5e-3 relative, 15x the tolerance."""
-    two = _launch(tmp_path/'two.json', '--grad-accum', 1, nproc=2)
-    one = _launch(tmp_path/'one.json', '--grad-accum', 2)
-    a, b = _result(one, tmp_path/'one.json'), _result(two, tmp_path/'two.json')
+    a, b = lm_one, _run(tmp_path, 'two', nproc=2)
     assert b['world'] == 2 and a['world'] == 1 and len(a['losses']) == len(b['losses']) == 20
-    rel = max(abs(x - y) / abs(x) for x, y in zip(a['losses'], b['losses']))
-    assert rel <= 1e-4, rel
+    assert _rel(a['losses'], b['losses']) <= 1e-4, _rel(a['losses'], b['losses'])
     assert a['losses'][-1] < a['losses'][0] - 0.5
 
 def test_grad_accum_matches_full_batch():
     "Two micro-steps of 4 rows give the loss curve of one step of 8 rows (same process, same order of rows)"
-    sys.path.insert(0, str(WORKER.parent))
-    from _train_worker import corpus
     ds = corpus()
     def run(ga):
         torch.manual_seed(0)
@@ -99,6 +128,119 @@ def test_grad_accum_matches_full_batch():
                                                   log_every=4, device='cpu')).losses
     a, b = run(1), run(2)
     assert max(abs(x - y) / x for x, y in zip(a, b)) <= 1e-5
+
+# --- the loss hook --------------------------------------------------------------------------------------------
+
+def test_pair_loss_two_processes_match_one(tmp_path, pair_one):
+    """A pairwise loss on dict batches (chosen_ids, rejected_ids, keep) gives the same curve on 2 processes as on 1.
+
+    n_items is the number of kept pairs, which differs between the processes' halves of a batch, so the curve depends
+    on dividing by the global count. 1 process with 2 micro-steps and 2 processes with 1 each see the same 4-pair
+    micro-batches; their curves differ by float rounding that grows with the steps (measured: 6e-6 relative over 12
+    steps, 2e-5 over 20), against 0.5 when each process divides by its own count."""
+    two = _run(tmp_path, 'two', *PAIR, nproc=2)
+    assert two['world'] == 2 and len(two['losses']) == 12
+    assert _rel(pair_one['losses'], two['losses']) <= 1e-4, _rel(pair_one['losses'], two['losses'])
+    assert pair_one['losses'][-1] < pair_one['losses'][0] / 2  # it learns: equal curves are not two frozen models
+    assert two['tokens'] == 12 * 8 * 32 * 2  # chosen_ids and rejected_ids are both counted
+
+def test_pair_loss_resume_after_sigkill(tmp_path, pair_one):
+    "A pairwise-loss run killed by SIGKILL after its second checkpoint resumes to the uninterrupted run's losses"
+    ck = tmp_path/'ck'
+    killed_at = _kill_after_checkpoint(tmp_path, 'killed', ck, 8, *PAIR, '--grad-accum', 2, '--ckpt-every', 4)
+    assert 8 <= killed_at < 12
+    res = _run(tmp_path, 'resumed', *PAIR, '--grad-accum', 2, '--ckpt-dir', ck, '--ckpt-every', 4)
+    assert res['start_step'] == killed_at and res['tokens'] == pair_one['tokens']
+    assert _rel(pair_one['losses'], res['losses']) <= 1e-6, _rel(pair_one['losses'], res['losses'])
+
+def _tiny(): return tiny_llama(vocab_size=48, hidden_size=32, intermediate_size=64)
+
+def _cfg(**kw): return TrainConfig(**{**dict(steps=2, batch_size=4, seq_len=32, warmup=1, log_every=1, device='cpu'), **kw})
+
+@pytest.mark.parametrize('ret,err,msg', [
+    (lambda l, n: l.item(), TypeError, 'must return \\(loss_sum, n_items\\)'),
+    (lambda l, n: (l.item(), n), TypeError, "loss_fn's loss_sum must be a scalar float tensor.*got float"),
+    (lambda l, n: (l.expand(3), n), TypeError, "loss_fn's loss_sum must be a scalar float tensor.*shape \\(3,\\)"),
+    (lambda l, n: (l.detach(), n), ValueError, 'does not depend on any trainable parameter'),
+    (lambda l, n: (l, n.expand(2)), TypeError, "loss_fn's n_items must be a number or a scalar tensor"),
+    (lambda l, n: (l, 0 * n), ValueError, "loss_fn's n_items sum to 0.0 over all processes at step 1")])
+def test_loss_fn_errors(ret, err, msg):
+    "A loss_fn returning something else than (scalar loss_sum with a gradient, scalar n_items > 0) is refused, naming loss_fn"
+    def bad(model, batch):
+        l, n = pair_loss(model, batch)
+        return ret(l, n)
+    with pytest.raises(err, match=msg): train_causal_lm(_tiny(), pairs(), _cfg(), loss_fn=bad)
+
+def test_dict_batch_errors():
+    "Dict batches: a key with another number of rows, a value that is not a tensor, a text column are refused by name"
+    def fn(extra):
+        return lambda s, B: dict(chosen_ids=torch.full((B, 32), 5), rejected_ids=torch.full((B, 32), 6), keep=torch.ones(B), **extra)
+    with pytest.raises(ValueError, match=r"returned 'mask' with 3 rows \(first dimension\); expected 4"):
+        train_causal_lm(_tiny(), fn(dict(mask=torch.ones(3, 32))), _cfg(), loss_fn=pair_loss)
+    with pytest.raises(TypeError, match=r"returned 'ids' as list"):
+        train_causal_lm(_tiny(), fn(dict(ids=[1, 2, 3, 4])), _cfg(), loss_fn=pair_loss)
+    with pytest.raises(TypeError, match=r"column 'text' does not hold numbers.*remove_columns"):
+        train_causal_lm(_tiny(), pairs().add_column('text', ['a'] * 48), _cfg(), loss_fn=pair_loss)
+    ragged = Dataset.from_dict({'chosen_ids': [[5] * 32, [5] * 30], 'rejected_ids': [[6] * 32] * 2, 'keep': [1, 1]})
+    with pytest.raises(ValueError, match=r"column 'chosen_ids' have lengths from 30 to 32; pad them"):
+        train_causal_lm(_tiny(), ragged, _cfg(batch_size=2), loss_fn=pair_loss)
+    with pytest.raises(ValueError, match=r"'chosen_ids' has a sequence of length 300 exceeds"):
+        train_causal_lm(_tiny(), Dataset.from_dict({'chosen_ids': [[5] * 300] * 4}), _cfg(), loss_fn=pair_loss)
+
+# --- FSDP -------------------------------------------------------------------------------------------------------
+
+def test_fsdp_matches_one_process(lm_one, lm_fsdp):
+    """2 processes sharded with FSDP2 (gloo) give the 1-process loss curve at the same global batch (measured: 2e-7
+    relative; 1.4e-3 when each process divides by its own target count)"""
+    assert lm_fsdp['world'] == 2 and len(lm_fsdp['losses']) == 20
+    assert _rel(lm_one['losses'], lm_fsdp['losses']) <= 1e-4, _rel(lm_one['losses'], lm_fsdp['losses'])
+    assert lm_fsdp['losses'][-1] < lm_fsdp['losses'][0] - 0.5
+
+def test_fsdp_sharded_checkpoint_and_resume(tmp_path, lm_fsdp):
+    """An FSDP run writes a sharded DCP checkpoint (every layer's weight split over both processes' files, no full model
+    file), is killed by SIGKILL, and resumes on 2 processes to the uninterrupted FSDP run's losses"""
+    from torch.distributed.checkpoint import FileSystemReader
+    ck = tmp_path/'ck'
+    killed_at = _kill_after_checkpoint(tmp_path, 'killed', ck, 8, '--fsdp', '--ckpt-every', 4, nproc=2)
+    path = latest_checkpoint(ck)
+    assert 8 <= killed_at < 20 and (path/'meta.json').exists()
+    files = {p.name for p in (path/'sharded').iterdir()}
+    assert {'.metadata', '__0_0.distcp', '__1_0.distcp'} <= files, files
+    assert not list(path.glob('model*.safetensors')) and not list(path.glob('pytorch_model*.bin'))
+    md = FileSystemReader(str(path/'sharded')).read_metadata()
+    w = 'model.model.layers.0.mlp.up_proj.weight'
+    assert {d.relative_path for i, d in md.storage_data.items() if i.fqn == w} == {'__0_0.distcp', '__1_0.distcp'}
+    assert any(i.fqn.startswith('optim.state.') for i in md.storage_data)  # Adam's moments are in the shards too
+    res = _run(tmp_path, 'resumed', '--fsdp', '--ckpt-dir', ck, '--ckpt-every', 4, nproc=2)
+    assert res['start_step'] == killed_at and res['tokens'] == lm_fsdp['tokens']
+    assert _rel(lm_fsdp['losses'], res['losses']) <= 1e-6, _rel(lm_fsdp['losses'], res['losses'])
+
+@pytest.mark.slow
+def test_fsdp_compile_matches_eager(tmp_path):
+    "compile=True under FSDP (each decoder layer compiled before sharding) gives the eager FSDP curve; slow: ~1 min of compilation per process"
+    eager = _launch(tmp_path/'eager.json', '--fsdp', '--steps', 6, nproc=2)
+    comp = _run(tmp_path, 'compiled', '--fsdp', '--compile', '--steps', 6, nproc=2)
+    assert _rel(_result(eager, tmp_path/'eager.json')['losses'], comp['losses']) <= 1e-5
+
+def test_fsdp_needs_two_processes():
+    "fsdp=True on one process is refused rather than silently trained unsharded"
+    with pytest.raises(ValueError, match='fsdp=True needs 2 or more processes'):
+        train_causal_lm(_tiny(), corpus(), _cfg(fsdp=True))
+
+def test_accelerate_fsdp_without_fsdp_field(monkeypatch):
+    "A launch that asked accelerate for FSDP, with TrainConfig.fsdp=False, is refused instead of silently running DDP"
+    monkeypatch.setenv('ACCELERATE_USE_FSDP', 'true')
+    with pytest.raises(ValueError, match=r'set TrainConfig\(fsdp=True\)'):
+        train_causal_lm(_tiny(), corpus(), _cfg())
+
+def test_launch_that_accelerate_missed(monkeypatch):
+    "Processes a launcher started that accelerate set up as one each would train alone: refused"
+    from types import SimpleNamespace
+    from accelerate.utils import DistributedType
+    from llmlit.train import _check_parallel
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(RuntimeError, match=r'started 2 processes \(WORLD_SIZE\) but accelerate set up 1'):
+        _check_parallel(TrainConfig(), SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
 
 # --- bad input ------------------------------------------------------------------------------------------------
 
@@ -114,7 +256,7 @@ def test_too_long_dataset_rows():
 def test_too_long_batch_function():
     "A batch function returning sequences past the context is refused at its first batch"
     fn = lambda step, B: dict(input_ids=torch.randint(4, 100, (B, 300)))
-    with pytest.raises(ValueError, match=r'get_batch\(step=0\) returned a sequence of length 300 exceeds .*=256'):
+    with pytest.raises(ValueError, match=r"get_batch\(step=0\) returned a 'input_ids' sequence of length 300 exceeds .*=256"):
         train_causal_lm(tiny_llama(), fn, TrainConfig(steps=1, batch_size=4, seq_len=64))
 
 def test_seq_len_past_context():
@@ -166,7 +308,7 @@ def test_nan_stops_before_checkpoint(tmp_path):
 @pytest.mark.parametrize('field,value', [('steps', 0), ('steps', 1.5), ('lr', 0.0), ('lr', -1.0), ('lr', float('inf')),
     ('lr', float('nan')), ('batch_size', 0), ('seq_len', 1), ('warmup', -1), ('weight_decay', -0.1), ('grad_clip', -1.0),
     ('grad_accum', 0), ('log_every', 0), ('eval_every', -1), ('precision', 'fp8'), ('min_lr_ratio', 1.5),
-    ('device', 'tpu'), ('ckpt_every', 10), ('betas', (0.9, 1.0))])
+    ('device', 'tpu'), ('ckpt_every', 10), ('betas', (0.9, 1.0)), ('fsdp', 'yes')])
 def test_config_validation(field, value):
     "Each out-of-range field is refused, naming the field, its value and the accepted range"
     with pytest.raises(ValueError, match=rf'TrainConfig\.{field}=.* is invalid: expected'):
@@ -213,8 +355,6 @@ def test_schedule_reaches_optimizer():
 @pytest.mark.slow
 def test_compile_matches_eager():
     "compile=True (one inductor graph for forward and loss) gives the eager loss curve on CPU; slow: ~1 min of compilation"
-    sys.path.insert(0, str(WORKER.parent))
-    from _train_worker import corpus
     def run(c):
         torch.manual_seed(0)
         cfg = TrainConfig(steps=6, lr=1e-2, batch_size=8, seq_len=32, warmup=2, log_every=3, device='cpu', compile=c)

@@ -6,11 +6,11 @@ Docs: https://llmlit.github.io/llmlit/core.html.md"""
 
 # %% auto #0
 __all__ = ['IN_TEST', 'VERDICTS', 'get_device', 'get_dtype', 'seed_everything', 'progress', 'project_root', 'results_dir',
-           'git_commit', 'env_info', 'atomic_write', 'save_result', 'load_results', 'committed_results',
+           'git_commit', 'env_info', 'set_environ', 'atomic_write', 'save_result', 'load_results', 'committed_results',
            'compare_presets', 'check_choice', 'preset_config', 'verdict', 'claim_row']
 
 # %% ../nbs/00_core.ipynb #9b2e51a9
-import json, math, os, platform, random, subprocess, tempfile, time
+import contextlib, json, math, os, platform, random, subprocess, tempfile, time
 from importlib.metadata import version as _pkg_version, PackageNotFoundError
 from pathlib import Path
 import numpy as np
@@ -92,9 +92,8 @@ def env_info(device=None):
                 **{p: v(p) for p in ('llmlit', 'torch', 'transformers', 'datasets', 'accelerate', 'peft')})
 
 # %% ../nbs/00_core.ipynb #00b1e6b1
-import contextlib
 @contextlib.contextmanager
-def _environ_set(**kv):
+def set_environ(**kv):
     "Set environment variables (None removes one) for the block, then restore them"
     old = {k: os.environ.get(k) for k in kv}
     def put(d):

@@ -12,14 +12,14 @@ __all__ = ['PRESET_PARAMS', 'PROGRESS_EVERY', 'REPRO_COLS', 'REPORT_CSS', 'Runne
            'scoreboard', 'claim_html', 'scoreboard_html', 'headline', 'report_markdown', 'report_text', 'report']
 
 # %% ../nbs/03_experiments.ipynb #e5c107f1
-import ast, contextlib, html, itertools, json, os, re, shutil, sys, threading, time
+import ast, html, itertools, json, os, re, shutil, sys, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import nbformat
 import papermill as pm
 from papermill.engines import NBClientEngine, papermill_engines
 from tqdm.std import tqdm
-from .core import VERDICTS, atomic_write, project_root
+from .core import VERDICTS, atomic_write, project_root, set_environ
 
 # %% ../nbs/03_experiments.ipynb #71d377a6
 PRESET_PARAMS = ('preset', 'setting')  # the parameter that picks a preset, in order of preference
@@ -281,18 +281,6 @@ def _new_run_dir(base, name):
 
 _QUIET_KERNEL = ['--IPKernelApp.log_level=CRITICAL']  # hides ipykernel's own log (start-up, shutdown); cell errors still reach the notebook
 
-@contextlib.contextmanager
-def _environ(**kv):
-    "Set (a string) or remove (None) environment variables for the block, then restore them"
-    old = {k: os.environ.get(k) for k in kv}
-    def put(d):
-        for k, v in d.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-    put(kv)
-    try: yield
-    finally: put(old)
-
 def _publish(src, dest):
     "Copy the files a run saved under `src` into `dest`, figures before JSON, each by rename; returns the new paths"
     files = sorted((f for f in Path(src).rglob('*') if f.is_file() and not f.name.startswith('.')),
@@ -370,7 +358,7 @@ def run_method(name, # a method name, notebook stem or `Method`
     say(f'{m.name} ({preset}): running {m.path.name} -> {d}')
     t0, err = time.time(), None
     bar = CellProgress(f'{m.name} ({preset})', log, bar=progress)
-    with _environ(LLMLIT_RESULTS=str(d/'results'), IN_TEST=None):
+    with set_environ(LLMLIT_RESULTS=str(d/'results'), IN_TEST=None):
         try: pm.execute_notebook(str(m.path), str(d/m.path.name), parameters=params, kernel_name=kernel, engine_name='llmlit',
                                  cwd=str(m.path.parent), progress_bar=False, extra_arguments=_QUIET_KERNEL, on_cell=bar)
         except pm.PapermillExecutionError as e: err = f'{e.ename}: {e.evalue} (cell [{e.exec_count}])'

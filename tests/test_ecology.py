@@ -1,11 +1,9 @@
-"Cross-checks of llmlit.ecology: the spec's closed forms and theorems on planted finite ecologies, a frozen tiny Llama, the smoke run"
+"Cross-checks of llmlit.ecology: the spec's closed forms and theorems on planted finite ecologies, a frozen tiny Llama"
 import itertools, math, os
-from pathlib import Path
 import numpy as np, pytest, torch
 from llmlit.ecology import *
 from llmlit.models import tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
 
 def planted(seed, n=6):
     "A random ecology of n worlds with an exact copy, a training-hidden copy and a zero-mass context"
@@ -133,14 +131,6 @@ def test_bad_input(bad, match):
 def test_module_imports_without_notebooks():
     import llmlit.ecology as m
     assert m.FiniteEcology.__module__ == 'llmlit.ecology'
-
-@pytest.mark.slow
-def test_smoke_runs_the_full_code_path(tmp_path, monkeypatch):
-    "The full preset at toy size on the CPU, as the GPU run would execute it; saves nothing"
-    pm = pytest.importorskip('papermill')
-    monkeypatch.setenv('IN_TEST', '1'); monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    pm.execute_notebook(str(ROOT / 'nbs/40_ecology.ipynb'), str(tmp_path / 'out.ipynb'), cwd=str(ROOT / 'nbs'),
-                        parameters=dict(preset='full', smoke=True), progress_bar=False, kernel_name='python3')
 
 def test_price_term_is_the_expected_parent_shift():
     "Mean over Wright-Fisher draws of the selected parents' mean minus the population mean = Cov(f, z)/fbar, within 4 standard errors"

@@ -188,6 +188,17 @@ def test_companions_save_nothing(path):
     nb = nbformat.read(path, as_version=4)
     assert not [i for i, c in code_cells(nb) if calls(c, 'save_result')], f'{path.name} calls save_result but has no parameters cell'
 
+SMOKED = [p for p in METHODS if 'smoke' in load_method(p).params]
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', SMOKED, ids=[p.stem for p in SMOKED])
+def test_full_preset_smoke(path, tmp_path, monkeypatch):
+    "The full preset's code path at toy size on the CPU, as a GPU run would execute it; saves nothing"
+    import papermill as pm
+    monkeypatch.setenv('IN_TEST', '1'); monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    pm.execute_notebook(str(path), str(tmp_path/path.name), cwd=str(path.parent), parameters=dict(preset='full', smoke=True),
+                        progress_bar=False, kernel_name='python3')
+
 # --- each rule catches what it should -----------------------------------------------------------------------------
 
 def sub(old, new):

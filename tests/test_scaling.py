@@ -182,15 +182,6 @@ def test_module_imports_without_notebooks():
     import llmlit.scaling as m
     assert m.fit_chinchilla.__module__ == 'llmlit.scaling'
 
-@pytest.mark.slow
-def test_smoke_runs_the_full_code_path(tmp_path, monkeypatch):
-    "The full preset at toy size on the CPU, as the GPU run would execute it; saves nothing"
-    pm = pytest.importorskip('papermill')
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.setenv('IN_TEST', '1'); monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    pm.execute_notebook(str(root/'nbs/70_scaling.ipynb'), str(tmp_path/'out.ipynb'), cwd=str(root/'nbs'),
-                        parameters=dict(preset='full', smoke=True), progress_bar=False, kernel_name='python3')
-
 def test_beta_link_recovers_planted_theta():
     "Approach 2: theta of a planted loss -> Beta link from 12 runs x 20,000 questions; pass@k of the fit vs the truth within 0.01"
     from llmlit.scaling import BetaLink, fit_beta_link

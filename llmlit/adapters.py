@@ -1,4 +1,4 @@
-"""What methods that act on a model's projections share: module roles across Llama, Qwen2/3, Mistral and GPT-2, LoRA parameters as one vector, summed completion log-probabilities, a tiny model for any tokenizer, and Llama shapes by parameter count with their training FLOPs.
+"""What methods that act on a model's projections share: module roles across Llama, Qwen2/3, Mistral and GPT-2, LoRA parameters as one vector, summed completion log-probabilities, exact-answer probabilities, a tiny model for any tokenizer, and Llama shapes by parameter count with their training FLOPs.
 
 Docs: https://llmlit.github.io/llmlit/adapters.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://llmlit.github.io/llmlit/adapters.html.md"""
 
 # %% auto #0
 __all__ = ['MODULE_ROLES', 'role_of', 'layer_modules', 'lora_params', 'get_theta', 'set_theta', 'theta_grad', 'sequence_logprobs',
-           'tiny_lm_for', 'config_params', 'llama_for_params', 'training_flops']
+           'answer_probs', 'tiny_lm_for', 'config_params', 'llama_for_params', 'training_flops']
 
 # %% ../nbs/06_adapters.ipynb #1ff8c2bb
 import math, re
@@ -89,6 +89,26 @@ def sequence_logprobs(model, # a causal LM returning `.logits`
     lg = logits[rows, cols].float()                      # (n, V)
     lp = lg.gather(-1, input_ids[rows, cols + 1, None]).squeeze(-1) - lg.logsumexp(-1)
     return torch.zeros(len(input_ids), device=lp.device).index_add(0, rows, lp)
+
+# %% ../nbs/06_adapters.ipynb #d03a0bf4
+@torch.no_grad()
+def answer_probs(model, # any Hugging Face causal LM
+                 prompts, # (n, P) token ids
+                 answers, # (n, A) token ids of the gold answers
+                 batch_size=1024):
+    "Teacher-forced p_i = prod_t P(answer token t | prompt, earlier answer tokens) at temperature 1, float64 (n,)"
+    if prompts.ndim != 2 or answers.ndim != 2 or len(prompts) != len(answers):
+        raise ValueError(f"prompts (n, P) and answers (n, A) must be 2-D with the same n, got {tuple(prompts.shape)}, {tuple(answers.shape)}")
+    was, dev, P = model.training, next(model.parameters()).device, prompts.shape[1]
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids = torch.cat([prompts[i:i + batch_size], answers[i:i + batch_size]], 1).to(dev)
+            lp = model(ids).logits[:, P - 1:-1].float().log_softmax(-1)
+            out.append(lp.gather(-1, ids[:, P:, None]).squeeze(-1).sum(-1).double().exp().cpu())
+    finally: model.train(was)
+    return torch.cat(out).numpy()
 
 # %% ../nbs/06_adapters.ipynb #4493b07a
 def tiny_lm_for(tokenizer, # a Hugging Face tokenizer: its length sets the vocabulary, its special tokens the config's ids

@@ -9,15 +9,14 @@ __all__ = ['FiniteEcology', 'entropy', 'random_ecology', 'entropy_floor', 'bayes
            'components', 'quotient', 'refines', 'all_partitions', 'complexity', 'objective', 'split_gain',
            'binary_entropy', 'split_beta', 'optimal_partition', 'merge_path', 'greedy_merges', 'is_local_min',
            'beta_min', 'follows_local_rule', 'mix', 'off_ecology_bound', 'off_ecology', 'injection_threshold',
-           'rescued', 'wright_fisher', 'price_selection', 'evolve', 'eval_fitness', 'language_tables', 'start_laws',
-           'sample_languages', 'language_ecology', 'model_laws', 'sequence_excess', 'js_half', 'behavioural_distances',
-           'calibrate_tau', 'induced_partition']
+           'rescued', 'wright_fisher', 'price_selection', 'evolve', 'eval_fitness', 'language_ecology', 'model_laws',
+           'sequence_excess', 'js_half', 'behavioural_distances', 'calibrate_tau', 'induced_partition']
 
 # %% ../nbs/40_ecology.ipynb #5adee0d9
 import itertools, math
 import numpy as np
 import torch
-from .data import markov_table
+from .data import language_tables, sample_languages, start_laws
 
 # %% ../nbs/40_ecology.ipynb #aac170ae
 def _law(x, name, ndim, tol, positive=False):
@@ -294,34 +293,6 @@ def eval_fitness(tok, ev, eps):
     return lambda z: np.exp(-np.array([d(a) for a in z]) / d0)
 
 # %% ../nbs/40_ecology.ipynb #10e7f3f6
-def language_tables(n_worlds, V, copies=(), hidden=(), weak=(), seed=0):
-    "(W, V, V) Markov languages over V symbols, the last a trigger never moved to; planted copies, hidden copies, weak pairs"
-    if not (isinstance(V, int) and V >= 3): raise ValueError(f"V={V!r} must be an integer >= 3 (symbols, the last a trigger)")
-    T = torch.zeros(n_worlds, V, V, dtype=torch.float64)
-    for w in range(n_worlds):
-        T[w, :V - 1, :V - 1] = markov_table(V - 1, seed * 1000 + w).double()
-        T[w, V - 1, :V - 1] = markov_table(V - 1, seed * 1000 + 500 + w)[0].double()
-    for i, j in copies: T[j] = T[i]
-    for i, j in hidden: T[j, :V - 1] = T[i, :V - 1]
-    for i, j, eps in weak: T[j] = (1 - eps) * T[i] + eps * T[j]
-    return T
-
-def start_laws(V):
-    "(training start: uniform over the V-1 ordinary symbols, probe start: the trigger), each (V,)"
-    train = torch.full((V,), 1 / (V - 1), dtype=torch.float64); train[-1] = 0
-    return train, torch.eye(V, dtype=torch.float64)[-1]
-
-def sample_languages(tables, n, seq_len, seed=0, start=None):
-    "n sequences (n, seq_len + 1): BOS (= V) then a chain of a uniformly drawn language from `start` (V,) or (n, V); returns (ids, worlds)"
-    g = torch.Generator().manual_seed(seed)
-    W, V, _ = tables.shape
-    start = start_laws(V)[0] if start is None else torch.as_tensor(start, dtype=torch.float64)
-    w = torch.randint(0, W, (n,), generator=g)
-    ids = torch.full((n, seq_len + 1), V, dtype=torch.long)
-    ids[:, 1] = torch.multinomial(start.expand(n, V).float(), 1, generator=g).squeeze(-1)
-    for t in range(2, seq_len + 1): ids[:, t] = torch.multinomial(tables[w, ids[:, t - 1]].float(), 1, generator=g).squeeze(-1)
-    return ids, w
-
 def language_ecology(tables, lengths, probe_weight=0.0):
     "Contexts (start, r) for the training and probe starts; D_C puts 1 - probe_weight on the training start's lengths"
     W, V, _ = tables.shape

@@ -1,6 +1,7 @@
 "Cross-checks of llmlit.ecology: the spec's closed forms and theorems on planted finite ecologies, a frozen tiny Llama"
 import itertools, math, os
 import numpy as np, pytest, torch
+from llmlit.data import language_tables, sample_languages
 from llmlit.ecology import *
 from llmlit.models import tiny_llama
 

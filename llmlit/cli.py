@@ -78,3 +78,5 @@ def main(argv=None):
     except RunnerError as e:
         print(f'llmlit: error: {e}', file=sys.stderr)
         return 2
+
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # `python -m llmlit.cli`; never inside a notebook

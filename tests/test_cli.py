@@ -74,11 +74,28 @@ def test_run_with_param_writes_results(root, capsys):
     (['-p', 'n_steps=abc'], "parameter 'n_steps' of method 'toy' expects int (default 10), got 'abc' of type str"),
     (['-p', 'lr=fast'], "expects float"),
     (['--preset', 'huge'], "unknown preset 'huge' for method 'toy'; known presets: quick, full"),
-    (['-p', 'n_steps'], "key=value")])
+    (['-p', 'n_steps'], "key=value"),
+    (['-p', 'n_steps=3', '-p', 'n_steps=4'], "parameter 'n_steps' is given twice ('3' and '4'): give it once")])
 def test_bad_params_exit_2_before_running(root, capsys, argv, msg):
     code, _, err = cli(root, 'run', 'toy', *argv, capsys=capsys)
     assert code == 2 and msg in err, err
     assert not (root/'runs').exists() and not (root/'results').exists()
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='a CUDA GPU is visible: the preset may run')
+@pytest.mark.parametrize('name', ['toy', 'all'])
+def test_cuda_preset_refused_without_gpu(tmp_path, capsys, name):
+    "A preset whose PRESETS entry says device='cuda' is refused at once, exit 2, where no GPU is visible; smoke=True may run it"
+    make_method(tmp_path/'nbs', 'toy', 10, body=BODY.replace('full=dict(mult=100)', "full=dict(mult=100, device='cuda')"))
+    code, _, err = cli(tmp_path, 'run', name, '--preset', 'full', capsys=capsys)
+    assert code == 2 and "preset 'full' of method 'toy' runs on CUDA" in err and not (tmp_path/'runs').exists(), err
+    m = get_method('toy', tmp_path)
+    experiments.check_params(m, dict(preset='quick'))
+    with pytest.raises(experiments.DeviceError, match='no CUDA GPU'): experiments.check_params(m, dict(preset='full'))
+
+def test_python_m_cli(root):
+    "`python -m llmlit.cli` is the same command as `llmlit`"
+    p = subprocess.run([sys.executable, '-m', 'llmlit.cli', '--root', str(root), 'run', 'nope'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and 'known methods: toy' in p.stderr, p.stderr
 
 def test_unknown_method(root, capsys):
     code, _, err = cli(root, 'run', 'nope', capsys=capsys)

@@ -402,7 +402,8 @@ _PRESET_ORDER = dict(quick=0, full=1)
 def gather_results(root=None):
     "Every saved record `results/<name>/<preset>.json`, ordered by method, then quick, full and other presets"
     recs = []
-    for f in _project(root).results.glob('*/*.json'):
+    for f in _project(root).results.glob('[!.]*/[!.]*.json'):   # a killed write leaves `.quick.json.XXXX.json`: not a record
+        if not f.is_file(): continue
         try: rec = json.loads(f.read_text())
         except json.JSONDecodeError as e: raise RunnerError(f'{f} is not valid JSON ({e})') from e
         recs.append(dict(rec, name=rec.get('name', f.parent.name), preset=rec.get('preset', f.stem)))

@@ -131,6 +131,15 @@ def test_report_has_reproduction_rows(ran_all, capsys):
             '</div>') in page, page
     assert '<span class="llmlit-v llmlit-matches">1 matches</span>' in page
 
+def test_report_skips_temporary_files(ran_all):
+    "A write killed inside atomic_write leaves `.full.json.XXXX.json`; a folder may be named x.json: the report reads neither"
+    root, _ = ran_all
+    proj, d = experiments.Project(root), root/'results'/'good'
+    recs = experiments.gather_results(proj)
+    (d/'.full.json.ab12.json').write_text('{"trunc'); (d/'x.json').mkdir()
+    try: assert experiments.gather_results(proj) == recs
+    finally: (d/'.full.json.ab12.json').unlink(); (d/'x.json').rmdir()
+
 KNOB = "preset = 'quick'  # 'quick' or 'full'\nn_steps = None  # steps (None: the preset's)\nlr = 0.5  # step size\ntag = 'a'  # free text"
 KNOB_BODY = """PRESETS = dict(quick=dict(n_steps=2, mult=1), full=dict(n_steps=20, mult=100))
 from llmlit.core import preset_config, save_result

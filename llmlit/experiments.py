@@ -187,15 +187,19 @@ def _has_params_cell(nb):
     "Whether a code cell is tagged `parameters`"
     return any(c.cell_type == 'code' and 'parameters' in c.metadata.get('tags', []) for c in nb.cells)
 
+def _saves_result(nb):
+    "Whether a code cell calls `save_result`: a method does, a companion notebook (checks and exports only) does not"
+    return any(c.cell_type == 'code' and re.search(r'^[^#\n]*\bsave_result\(', c.source, re.M) for c in nb.cells)
+
 def _setting_type(settings, name):
     "The type that the presets' values of setting `name` share (int and float: float), else None"
     ts = {type(s[name]) for s in settings.values() if s.get(name) not in (None, ...)}
     return float if ts == {int, float} else ts.pop() if len(ts) == 1 else None
 
 def load_method(path):
-    "The `Method` in notebook `path`, or None unless it has a `default_exp` and a `parameters` cell"
+    "The `Method` in notebook `path`, or None unless it has a `default_exp`, a `parameters` cell and a `save_result` call"
     nb = nbformat.read(path, as_version=4)
-    if (name := method_name(nb)) is None or not _has_params_cell(nb): return None
+    if (name := method_name(nb)) is None or not (_has_params_cell(nb) and _saves_result(nb)): return None
     params, settings = read_params(path), preset_settings(nb)
     for p in params.values():
         if p.default is None and p.type is None: p.type = _setting_type(settings, p.name)
@@ -458,11 +462,11 @@ def scoreboard(rows):
     return list(out.values())
 
 # %% ../nbs/03_experiments.ipynb #5c9067fa
-_KIND = dict(zip(VERDICTS, ['matches', 'same', 'short']))
+_KIND = {v: v.split()[-1] for v in VERDICTS}   # badge classes: matches, direction, short
 _DETAILS = ('paper', 'ours', 'rule', 'setting', 'why')
 REPORT_CSS = """<style>
 .llmlit-v { display: inline-block; padding: .05em .6em; border-radius: 1em; font-size: .8em; font-weight: 700; white-space: nowrap; }
-.llmlit-matches { background: #1b7f3b; color: #fff; } .llmlit-same { background: #f0b400; color: #1f1f1f; }
+.llmlit-matches { background: #1b7f3b; color: #fff; } .llmlit-direction { background: #f0b400; color: #1f1f1f; }
 .llmlit-short { background: #c62828; color: #fff; } .llmlit-other { background: #6b6b6b; color: #fff; }
 .llmlit-zero { background: none; color: #9e9e9e; font-weight: 400; box-shadow: inset 0 0 0 1px #e0e0e0; }
 .llmlit-score { display: grid; grid-template-columns: max-content max-content 1fr; gap: .45em 1em; align-items: baseline; }

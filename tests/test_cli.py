@@ -161,9 +161,12 @@ def test_preset_overriding_a_param_is_refused(tmp_path, capsys, argv, preset):
     code, _, err = cli(tmp_path, 'run', 'lax', '-p', 'n_steps=abc', capsys=capsys)
     assert code == 2 and "'n_steps' of method 'lax' expects int (default None)" in err, err  # a knob's type: its presets' values
 
-def test_notebook_without_parameters_is_not_a_method(root, capsys):
+@pytest.mark.parametrize('drop', ['parameters cell', 'save_result'])
+def test_companion_is_not_a_method(root, capsys, drop):
+    "A numbered notebook without a parameters cell, or one that saves no result, is not listed or run"
     nb = nbformat.read(root/'nbs/10_toy.ipynb', as_version=4)
-    nb.cells = [c for c in nb.cells if 'parameters' not in c.metadata.get('tags', [])]
+    keep = (lambda c: 'parameters' not in c.metadata.get('tags', [])) if drop == 'parameters cell' else (lambda c: 'save_result' not in c.source)
+    nb.cells = [c for c in nb.cells if keep(c)]
     nbformat.write(nb, root/'nbs/11_toy_lib.ipynb')
     code, out, _ = cli(root, 'list', capsys=capsys)
     assert code == 0 and '10_toy.ipynb' in out and '11_toy_lib' not in out

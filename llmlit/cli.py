@@ -8,9 +8,9 @@ Docs: https://llmlit.github.io/llmlit/cli.html.md"""
 __all__ = ['COMMANDS', 'make_parser', 'cmd_list', 'cmd_run', 'cmd_report', 'main']
 
 # %% ../nbs/04_cli.ipynb #88413910
-import argparse, sys
+import argparse, sys, warnings
 from pathlib import Path
-from .experiments import Project, RunnerError, list_methods, md_table, report, report_text, run_all, run_method
+from .experiments import Project, RecordWarning, RunnerError, list_methods, md_table, report, report_text, run_all, run_method
 
 # %% ../nbs/04_cli.ipynb #d05c74de
 def make_parser():
@@ -27,6 +27,7 @@ def make_parser():
     r.add_argument('--out', help='folder for run folders instead of runs/ (a run goes to OUT/NAME/<timestamp>/)')
     rp = sub.add_parser('report', help='reproduction table of all saved results; writes nbs/reproductions.md')
     rp.add_argument('--no-write', action='store_true', help='print only; leave nbs/reproductions.md as it is')
+    rp.add_argument('--strict', action='store_true', help='fail (exit 2) on a damaged result file instead of skipping it with a warning')
     return p
 
 # %% ../nbs/04_cli.ipynb #eabc3f48
@@ -62,21 +63,28 @@ def cmd_run(args):
 
 def cmd_report(args):
     "Print the scoreboard, the claims and the runs; write the Reproductions page into the docs unless --no-write"
-    print(report_text(args.root).strip())
-    if not args.no_write:
-        report(args.root)
-        print(f'\nwritten to {Project(args.root).nbs/"reproductions.md"}')
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always', RecordWarning)
+        text = report_text(args.root, args.strict)
+        if not args.no_write: report(args.root, strict=args.strict)
+    for msg in dict.fromkeys(str(w.message) for w in ws if issubclass(w.category, RecordWarning)):
+        print(f'llmlit: warning: {msg}', file=sys.stderr)
+    print(text.strip())
+    if not args.no_write: print(f'\nwritten to {Project(args.root).nbs/"reproductions.md"}')
     return 0
 
 # %% ../nbs/04_cli.ipynb #da9c2e1f
 COMMANDS = dict(list=cmd_list, run=cmd_run, report=cmd_report)
 
 def main(argv=None):
-    "The `llmlit` command: 0 ok, 1 a run failed, 2 bad input"
+    "The `llmlit` command: 0 ok, 1 a run failed, 2 bad input, 130 stopped by Ctrl-C (one line, no traceback)"
     args = make_parser().parse_args(argv)
     try: return COMMANDS[args.cmd](args)
     except RunnerError as e:
         print(f'llmlit: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f'llmlit: {e or "interrupted"}', file=sys.stderr)
+        return 130
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # `python -m llmlit.cli`; never inside a notebook

@@ -6,20 +6,21 @@ Docs: https://llmlit.github.io/llmlit/experiments.html.md"""
 
 # %% auto #0
 __all__ = ['PRESET_PARAMS', 'PROGRESS_EVERY', 'REPRO_COLS', 'REPORT_CSS', 'RunnerError', 'DeviceError', 'ParamTypeError',
-           'Project', 'method_name', 'Param', 'read_params', 'preset_settings', 'preset_knobs', 'find_presets',
-           'Method', 'load_method', 'list_methods', 'get_method', 'parse_value', 'check_params', 'parse_params', 'Run',
-           'CellProgress', 'run_method', 'run_all', 'gather_results', 'reproduction_rows', 'md_table', 'split_verdict',
-           'scoreboard', 'claim_html', 'scoreboard_html', 'headline', 'report_markdown', 'report_text', 'report']
+           'RecordError', 'RecordWarning', 'RunInterrupted', 'Project', 'method_name', 'Param', 'read_params',
+           'preset_settings', 'preset_knobs', 'find_presets', 'Method', 'load_method', 'list_methods', 'get_method',
+           'parse_value', 'check_params', 'parse_params', 'Run', 'CellProgress', 'run_method', 'run_all',
+           'check_record', 'gather_results', 'reproduction_rows', 'md_table', 'split_verdict', 'scoreboard',
+           'claim_html', 'scoreboard_html', 'headline', 'report_markdown', 'report_text', 'report']
 
 # %% ../nbs/03_experiments.ipynb #e5c107f1
-import ast, html, itertools, json, os, re, shutil, sys, threading, time
+import ast, html, itertools, json, os, re, shutil, sys, threading, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import nbformat
 import papermill as pm
 from papermill.engines import NBClientEngine, papermill_engines
 from tqdm.std import tqdm
-from .core import VERDICTS, atomic_write, project_root, set_environ
+from .core import VERDICTS, PublishError, atomic_write, check_name, preset_files, project_root, publish, set_environ
 
 # %% ../nbs/03_experiments.ipynb #71d377a6
 PRESET_PARAMS = ('preset', 'setting')  # the parameter that picks a preset, in order of preference
@@ -32,6 +33,15 @@ class DeviceError(RunnerError):
 
 class ParamTypeError(RunnerError, TypeError):
     "A parameter value whose type differs from the one its default has"
+
+class RecordError(RunnerError):
+    "A damaged result file, found by the report when asked to be strict"
+
+class RecordWarning(UserWarning):
+    "A damaged result file the report skips"
+
+class RunInterrupted(KeyboardInterrupt):
+    "Ctrl-C during a run: its message says which method stopped, where, and where its partial notebook is"
 
 def _default_root():
     "The llmlit checkout around the working directory, else the one holding this package, else the working directory"
@@ -300,13 +310,13 @@ def _new_run_dir(base, name):
 _QUIET_KERNEL = ['--IPKernelApp.log_level=CRITICAL']  # hides ipykernel's own log (start-up, shutdown); cell errors still reach the notebook
 
 def _publish(src, dest):
-    "Copy the files a run saved under `src` into `dest`, figures before JSON, each by rename; returns the new paths"
-    files = sorted((f for f in Path(src).rglob('*') if f.is_file() and not f.name.startswith('.')),
-                   key=lambda f: (f.suffix == '.json', str(f)))
+    "Publish each method folder a run saved under `src` into `dest` as one unit (`llmlit.core.publish`); returns the new paths"
     out = []
-    for f in files:
-        t = Path(dest)/f.relative_to(src)
-        atomic_write(t, lambda p, f=f: shutil.copy2(f, p)); out.append(t)
+    for d in sorted(p for p in Path(src).iterdir() if p.is_dir() and not p.name.startswith('.')):
+        files = {f.relative_to(d).as_posix(): (lambda p, f=f: shutil.copy2(f, p)) for f in sorted(d.rglob('*'))
+                 if f.is_file() and not any(s.startswith('.') for s in f.relative_to(d).parts)}  # dot-files: temporaries
+        presets = [f.stem for f in d.glob('[!.]*.json')]
+        out += publish(Path(dest)/check_name('results folder', d.name), files, replace=lambda t: preset_files(t, presets))
     return out
 
 # %% ../nbs/03_experiments.ipynb #58a86501
@@ -369,23 +379,31 @@ def run_method(name, # a method name, notebook stem or `Method`
     "Check, then run a method notebook with papermill into `runs/<name>/<timestamp>/`; copy its results on success"
     proj = _project(root)
     m = name if isinstance(name, Method) else get_method(name, proj)
+    try: check_name('method name', m.name)  # it names the folders runs/<name> and results/<name>
+    except ValueError as e: raise RunnerError(f"{m.path.name}: {e}") from None
     params = _checked(m, params, preset)
     pp = m.preset_param
     preset = params.get(pp, m.params[pp].default) if pp else None
     d, say = _new_run_dir(out or proj.runs, m.name), log or (lambda s: None)
     say(f'{m.name} ({preset}): running {m.path.name} -> {d}')
-    t0, err = time.time(), None
+    t0, err, stop = time.time(), None, False
     bar = CellProgress(f'{m.name} ({preset})', log, bar=progress)
     with set_environ(LLMLIT_RESULTS=str(d/'results'), IN_TEST=None):
         try: pm.execute_notebook(str(m.path), str(d/m.path.name), parameters=params, kernel_name=kernel, engine_name='llmlit',
                                  cwd=str(m.path.parent), progress_bar=False, extra_arguments=_QUIET_KERNEL, on_cell=bar)
-        except pm.PapermillExecutionError as e: err = f'{e.ename}: {e.evalue} (cell [{e.exec_count}])'
+        except pm.PapermillExecutionError as e: err, stop = f'{e.ename}: {e.evalue} (cell [{e.exec_count}])', e.ename == 'KeyboardInterrupt'
+        except KeyboardInterrupt: err, stop = 'KeyboardInterrupt', True
         except Exception as e: err = f'{type(e).__name__}: {e}'  # kernel died, notebook unreadable...: recorded, not raised
         finally: bar.close()
-    saved = _publish(d/'results', proj.results) if err is None and (d/'results').exists() else []
+    saved = []
+    if err is None and (d/'results').exists():
+        try: saved = _publish(d/'results', proj.results)
+        except PublishError as e: err = str(e)
     run = Run(m.name, preset, d, err is None, err, saved, round(time.time() - t0, 1))
     (d/'run.json').write_text(json.dumps(dict(method=m.name, notebook=str(m.path), preset=preset, params=params, ok=run.ok,
                                               error=err, saved=[str(p) for p in saved], wall_s=run.wall_s), indent=1))
+    if stop: raise RunInterrupted(f"interrupted: {m.name} ({preset}) stopped in cell {bar.i} of {bar.n} after {run.wall_s:.0f} s; "
+                                  f"nothing was published; the partial notebook is {d/m.path.name}")
     note = f'{len(saved)} result files saved' if saved else 'but no result saved (does it call save_result?)'
     say(f'{m.name} ({preset}): ' + (f'ok in {run.wall_s} s, {note}' if run.ok else f'FAILED: {err}'))
     return run
@@ -403,14 +421,37 @@ def run_all(preset=None, # preset for every method; None: each notebook's defaul
 # %% ../nbs/03_experiments.ipynb #45dc43e9
 _PRESET_ORDER = dict(quick=0, full=1)
 
-def gather_results(root=None):
+_ROW_KEYS = ('claim', 'paper', 'ours', 'verdict')
+
+def check_record(rec):
+    "What is wrong with a record read from a result file, in a few words, or None if the report can show it"
+    if not isinstance(rec, dict): return f"it holds {type(rec).__name__}, not an object"
+    for k in ('name', 'preset', 'time', 'git_commit', 'device', 'device_name'):
+        if rec.get(k) is not None and not isinstance(rec[k], str): return f"'{k}' is {type(rec[k]).__name__}, not text"
+    if not isinstance(m := rec.get('metrics'), dict): return f"'metrics' is {type(m).__name__}, not an object"
+    if not isinstance(rep := m.get('reproduction') or [], list): return f"metrics['reproduction'] is {type(rep).__name__}, not a list"
+    for i, row in enumerate(rep):
+        if not isinstance(row, dict): return f"reproduction row {i} is {type(row).__name__}, not an object"
+        if clash := sorted({'method', 'preset'} & set(row)): return f"reproduction row {i} has the keys {clash}, which the report sets itself"
+        if missing := [k for k in _ROW_KEYS if k not in row]: return f"reproduction row {i} lacks {missing}"
+    return None
+
+def _read_record(f):
+    "The record in file `f` and what is wrong with it (None if nothing)"
+    try: rec = json.loads(f.read_bytes().decode('utf-8'))
+    except (ValueError, RecursionError, OSError) as e: return None, f"not readable JSON ({type(e).__name__}: {str(e)[:120]})"
+    return rec, check_record(rec)
+
+def gather_results(root=None, # the checkout (folder or `Project`)
+                   strict=False): # True: a damaged file raises RecordError; False: it is skipped with a RecordWarning
     "Every saved record `results/<name>/<preset>.json`, ordered by method, then quick, full and other presets"
     recs = []
-    for f in _project(root).results.glob('[!.]*/[!.]*.json'):   # a killed write leaves `.quick.json.XXXX.json`: not a record
-        if not f.is_file(): continue
-        try: rec = json.loads(f.read_text())
-        except json.JSONDecodeError as e: raise RunnerError(f'{f} is not valid JSON ({e})') from e
-        recs.append(dict(rec, name=rec.get('name', f.parent.name), preset=rec.get('preset', f.stem)))
+    for f in sorted(_project(root).results.glob('[!.]*/[!.]*.json')):   # a killed write leaves `.quick.json.XXXX.json`: not a record
+        if not f.is_file(): continue  # a folder named x.json, a dangling link
+        rec, bad = _read_record(f)
+        if bad and strict: raise RecordError(f'{f}: {bad}')
+        if bad: warnings.warn(f'skipped {f}: {bad}', RecordWarning); continue
+        recs.append(dict(rec, name=rec.get('name') or f.parent.name, preset=rec.get('preset') or f.stem))
     return sorted(recs, key=lambda r: (r['name'], _PRESET_ORDER.get(r['preset'], 2), r['preset']))
 
 REPRO_COLS = ['method', 'preset', 'claim', 'paper', 'ours', 'verdict']
@@ -528,10 +569,10 @@ def _method_html(proj, name, rows):
         out += [f'### {preset}'] + [claim_html(r) for r in rows if r['preset'] == preset]
     return out
 
-def report_markdown(root=None):
+def report_markdown(root=None, strict=False):
     "The Reproductions page: a scoreboard of verdicts, every claim with its verdict first, then every run's headline metrics"
     proj = _project(root)
-    recs = gather_results(proj)
+    recs = gather_results(proj, strict)
     rows = reproduction_rows(recs)
     board = scoreboard(rows)
     key = ', '.join(f'{_badge(w, _KIND[w])} {t}' for w, t in zip(VERDICTS, ['the rule in the row holds',
@@ -546,9 +587,9 @@ def report_markdown(root=None):
     parts += ['## Runs', md_table(runs, _RUN_COLS) if runs else '*No results yet.*']
     return '\n\n'.join(parts) + '\n'
 
-def report_text(root=None):
+def report_text(root=None, strict=False):
     "The report for a terminal: the scoreboard, every claim with its verdict first, then every run"
-    recs = gather_results(root)
+    recs = gather_results(root, strict)
     rows = reproduction_rows(recs)
     board = scoreboard(rows)
     short = [dict(r, verdict=split_verdict(r.get('verdict'))[0] or r.get('verdict')) for r in rows]  # the reasons are on the page
@@ -557,9 +598,10 @@ def report_text(root=None):
                          'Runs', md_table(_runs(recs), _RUN_COLS) if recs else 'No results yet.']) + '\n'
 
 def report(root=None, # the checkout (folder or `Project`)
-           dest=None): # where to write the page; default `nbs/reproductions.md`; False: do not write
+           dest=None, # where to write the page; default `nbs/reproductions.md`; False: do not write
+           strict=False): # True: a damaged result file raises RecordError instead of being skipped with a warning
     "Build the Reproductions page, write it into the docs and return its text"
-    text = report_markdown(root)
+    text = report_markdown(root, strict)
     if dest is not False:
         dest = Path(dest or _project(root).nbs/'reproductions.md')
         atomic_write(dest, lambda p: p.write_text(text))

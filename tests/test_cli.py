@@ -181,3 +181,95 @@ def test_run_reports_progress(root, capsys, monkeypatch):
     assert code == 0, out + err
     during_sleep = re.findall(r'^slow \(quick\): cell 3 of 4, (\d+) s$', out, re.M)  # default_exp, parameters, sleep, body
     assert len(during_sleep) >= 2 and int(during_sleep[-1]) >= 2, out
+
+# --- reliability: damaged records, failed publishes, Ctrl-C ------------------------------------------------------
+
+DAMAGED = {'list': ('[1, 2]', 'it holds list, not an object'), 'null': ('null', 'it holds NoneType, not an object'),
+           'name': ('{"name": 3, "metrics": {}}', "'name' is int, not text"),
+           'metrics': ('{"metrics": null}', "'metrics' is NoneType, not an object"),
+           'method key': ('{"metrics": {"reproduction": [{"claim": "c", "paper": 1, "ours": 1, "verdict": "matches", "method": "x"}]}}',
+                          "reproduction row 0 has the keys ['method']"),
+           'time': ('{"time": 5, "metrics": {}}', "'time' is int, not text"),
+           'bytes': (b'{"metrics": {"a": "\xff\xfe"}}', 'not readable JSON (UnicodeDecodeError'),
+           'deep': ('[' * 100_000 + ']' * 100_000, 'not readable JSON (RecursionError'),
+           'missing keys': ('{"metrics": {"reproduction": [{"claim": "c"}]}}', "reproduction row 0 lacks ['paper', 'ours', 'verdict']")}
+
+@pytest.mark.parametrize('kind', list(DAMAGED))
+def test_report_skips_damaged_records(ran_all, capsys, kind):
+    "A damaged record is skipped with a one-line warning naming the file and the problem (exit 0), or refused with --strict (exit 2)"
+    root, _ = ran_all
+    text, why = DAMAGED[kind]
+    f = root/'results'/'damaged'/'quick.json'; f.parent.mkdir(exist_ok=True)
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    try:
+        code, out, err = cli(root, 'report', '--no-write', capsys=capsys)
+        assert code == 0 and 'good claim' in out and 'Traceback' not in err, err
+        warn, = [l for l in err.splitlines() if l.startswith('llmlit: warning:')]
+        assert f'skipped {f}: {why}' in warn, warn
+        code, out, err = cli(root, 'report', '--no-write', '--strict', capsys=capsys)
+        assert code == 2 and f'llmlit: error: {f}: {why}' in err, err
+    finally: shutil.rmtree(f.parent)
+
+def test_report_passes_over_folders_and_dangling_links(ran_all, capsys):
+    "A folder named x.json and a dangling symlink are not records: the report passes over them, strict or not"
+    root, _ = ran_all
+    d = root/'results'/'odd'; (d/'x.json').mkdir(parents=True); (d/'gone.json').symlink_to(d/'nowhere.json')
+    try:
+        for strict in ([], ['--strict']):
+            code, out, err = cli(root, 'report', '--no-write', *strict, capsys=capsys)
+            assert code == 0 and 'good claim' in out and not err, err
+    finally: shutil.rmtree(d)
+
+def test_failed_publish_keeps_results(root, capsys, monkeypatch):
+    "A run whose publish fails (a full disk while copying) leaves the previous results intact and says so in one line"
+    import errno
+    code, out, err = cli(root, 'run', 'toy', capsys=capsys)
+    assert code == 0, out + err
+    before = {p.name: p.read_bytes() for p in (root/'results/toy').iterdir()}
+    def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(shutil, 'copy2', full)
+    code, out, err = cli(root, 'run', 'toy', '-p', 'n_steps=3', capsys=capsys)
+    assert code == 1
+    line, = [l for l in out.splitlines() if l.startswith('toy (quick): FAILED')]
+    assert 'could not publish' in line and 'No space left on device' in line and 'its previous results are intact' in line, line
+    assert {p.name: p.read_bytes() for p in (root/'results/toy').iterdir()} == before
+    assert sorted(p.name for p in (root/'results').iterdir()) == ['toy']
+
+def test_ctrl_c_is_one_line(root, capsys, monkeypatch):
+    "Ctrl-C during `llmlit run` ends with exit 130 and one line naming the method, the cell and the partial notebook"
+    def interrupted(src, dst, on_cell=None, **kw):
+        Path(dst).write_text('{}'); on_cell(2, 3); raise KeyboardInterrupt
+    monkeypatch.setattr(experiments.pm, 'execute_notebook', interrupted)
+    code, out, err = cli(root, 'run', 'toy', capsys=capsys)
+    run_dir, = (root/'runs/toy').iterdir()
+    assert code == 130 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith(f'llmlit: interrupted: toy (quick) stopped in cell 2 of 3 after ') and err.strip().endswith(
+        f'nothing was published; the partial notebook is {run_dir/"10_toy.ipynb"}'), err
+    assert not (root/'results').exists() and json.loads((run_dir/'run.json').read_text())['ok'] is False
+
+@pytest.mark.slow
+def test_ctrl_c_real_kernel(root):
+    "SIGINT to the whole process group (what Ctrl-C in a terminal sends) while a cell sleeps: one line, exit 130, no kernel left"
+    import os, signal, time, psutil
+    make_method(root/'nbs', 'slow', 20, extra=['import time; time.sleep(120)'])
+    p = subprocess.Popen([sys.executable, '-m', 'llmlit.cli', '--root', str(root), 'run', 'slow'], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time()
+    while not list(root.glob('runs/slow/*/20_slow.ipynb')):
+        assert time.time() - t0 < 120 and p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    time.sleep(8)  # the kernel starts and reaches the sleeping cell
+    kids = psutil.Process(p.pid).children(recursive=True)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert 'llmlit: interrupted: slow (quick) stopped in cell' in err and 'the partial notebook is' in err, err
+    psutil.wait_procs(kids, timeout=30)
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+def test_method_name_must_be_plain(tmp_path, capsys):
+    "A notebook whose default_exp is not a plain name (`..`) is refused before a run folder is made outside runs/"
+    make_method(tmp_path/'nbs', '..', 10)
+    code, _, err = cli(tmp_path, 'run', '..', capsys=capsys)
+    assert code == 2 and "10_...ipynb: method name='..' must be a plain name" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['nbs']  # runs/.. would have put the run folder here

@@ -1,5 +1,5 @@
 "Foundation checks that run on the installed package, without the notebooks."
-import importlib.util, json, os, re, subprocess
+import importlib.util, json, os, re, subprocess, time
 from pathlib import Path
 import pytest, torch
 import llmlit.core as core, llmlit.models as models
@@ -65,3 +65,83 @@ def test_gpu_run_script_names_the_commit(tmp_path, given, named):
     env = {k: v for k, v in os.environ.items() if k != 'LLMLIT_GIT_COMMIT'}
     r = subprocess.run(['bash', '-c', lines + '\necho "${LLMLIT_GIT_COMMIT-unset}"'], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == named, r.stdout + r.stderr
+
+# --- results: plain names, publishing all or nothing -----------------------------------------------------------
+
+@pytest.mark.parametrize('kw', [dict(name='../../x'), dict(name='/tmp/llmlit-escape'), dict(name='a/b'), dict(name='..'),
+                                dict(preset='../q'), dict(preset='q/../../x'), dict(figs={'../f': None})])
+@pytest.mark.parametrize('in_test', [True, False])
+def test_result_names_must_be_plain(monkeypatch, tmp_path, kw, in_test):
+    "A name that builds a results path (method name, preset, figure key) is refused unless plain: nothing escapes results/"
+    monkeypatch.chdir(tmp_path)
+    if in_test: monkeypatch.setenv('IN_TEST', '1')
+    else: monkeypatch.delenv('IN_TEST', raising=False)
+    monkeypatch.setenv('LLMLIT_RESULTS', str(tmp_path/'deep'/'results'))
+    args = dict(dict(name='m', preset='quick'), **kw)
+    with pytest.raises(ValueError, match=r"must be a plain name.*paths are refused"):
+        core.save_result(dict(a=1.0), args['name'], args['preset'], figs=args.get('figs'))
+    assert not any(tmp_path.rglob('*.json')) and not Path('/tmp/llmlit-escape').exists()
+    with pytest.raises(ValueError, match='must be a plain name'): core.committed_results('../x')
+
+class _Fig:
+    "A stand-in for a matplotlib figure: savefig writes `text` (slowly), or raises `err`"
+    def __init__(self, text, err=None, delay=0.0): self.text, self.err, self.delay = text, err, delay
+    def savefig(self, p, **kw):
+        time.sleep(self.delay)
+        if self.err: raise self.err
+        Path(p).write_text(self.text)
+
+def test_concurrent_publishers_never_mix(monkeypatch, tmp_path):
+    "Four runs of one method saving at once leave the files of exactly one of them, never figures of one beside another's JSON"
+    import threading
+    monkeypatch.delenv('IN_TEST', raising=False)
+    def run(i): core.save_result(dict(run=i), 'm', 'quick', figs={f'f{k}': _Fig(str(i), delay=0.02) for k in range(5)}, out_dir=tmp_path/'m')
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    d = tmp_path/'m'
+    run_id = json.loads((d/'quick.json').read_text())['metrics']['run']
+    assert {p.name: p.read_text() for p in d.glob('*.png')} == {f'quick-f{k}.png': str(run_id) for k in range(5)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m']  # no lock, no staging folder left
+
+def test_failed_publish_keeps_previous_results(monkeypatch, tmp_path):
+    "A disk that fills up while a run's files are written leaves the previous run's files as they were, and says so in one line"
+    import errno
+    monkeypatch.delenv('IN_TEST', raising=False)
+    d = tmp_path/'m'
+    core.save_result(dict(run=1), 'm', 'quick', figs=dict(a=_Fig('1'), b=_Fig('1')), out_dir=d)
+    before = {p.name: p.read_text() for p in d.iterdir()}
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(core.PublishError) as e:
+        core.save_result(dict(run=2), 'm', 'quick', figs=dict(a=_Fig('2'), b=_Fig('2'), c=_Fig('2', err=full)), out_dir=d)
+    msg = str(e.value)
+    assert '\n' not in msg and 'No space left on device' in msg and 'its previous results are intact' in msg, msg
+    assert {p.name: p.read_text() for p in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m']
+
+def test_second_publisher_waits_then_fails_clearly(monkeypatch, tmp_path):
+    "A publisher waits while another holds the folder's lock, publishes once it is released, and gives up with a clear error"
+    import threading
+    d = tmp_path/'m'
+    with core.publish_lock(d):
+        with pytest.raises(core.PublishError, match=r'another run is publishing into .*m .*gave up after 0 s'):
+            core.publish(d, {'quick.json': lambda p: p.write_text('{}')}, wait=0.2)
+    assert not d.exists()
+    held = threading.Event()
+    def hold():
+        with core.publish_lock(d): held.set(); time.sleep(0.5)
+    t = threading.Thread(target=hold); t.start(); held.wait()
+    t0 = time.time(); core.publish(d, {'quick.json': lambda p: p.write_text('{}')}, wait=10); t.join()
+    assert time.time() - t0 >= 0.3 and (d/'quick.json').read_text() == '{}'
+
+def test_killed_write_temporaries_ignored_and_cleaned(monkeypatch, tmp_path):
+    "Temporaries of a killed atomic_write or publish are not records, and the next publish removes them; other presets' files stay"
+    monkeypatch.delenv('IN_TEST', raising=False)
+    d = tmp_path/'m'; d.mkdir()
+    (d/'full.json').write_text(json.dumps(dict(preset='full', metrics={}))); (d/'NOTES.md').write_text('notes')
+    (d/'quick-stale.png').write_text('old run'); (d/'.quick.json.ab12.json').write_text('{"trunc')
+    (tmp_path/'.m.new-xyz').mkdir()
+    assert list(core.load_results('m', tmp_path)) == ['full']
+    core.save_result(dict(a=1.0), 'm', 'quick', out_dir=d)
+    assert sorted(p.name for p in d.iterdir()) == ['NOTES.md', 'full.json', 'quick.json']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m']

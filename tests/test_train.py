@@ -58,6 +58,11 @@ def lm_one(tmp_path_factory):
     return _run(tmp_path_factory.mktemp('lm_one'), 'one', '--grad-accum', 2)
 
 @pytest.fixture(scope='module')
+def lm_two(tmp_path_factory):
+    "The default loss on 2 processes (DDP over gloo), 4 rows each, uninterrupted"
+    return _run(tmp_path_factory.mktemp('lm_two'), 'two', nproc=2)
+
+@pytest.fixture(scope='module')
 def lm_fsdp(tmp_path_factory):
     "The default loss on 2 processes sharded with FSDP, 4 rows each, uninterrupted"
     return _run(tmp_path_factory.mktemp('lm_fsdp'), 'fsdp', '--fsdp', nproc=2)
@@ -102,9 +107,120 @@ def test_resume_refuses_other_settings(tmp_path):
     r = train_causal_lm(tiny_llama(), ds, TrainConfig(**cfg))  # same settings: finished already, nothing to do
     assert r.start_step == 2 and len(r.losses) == 2
 
+# --- what a checkpoint holds, and damaged ones ------------------------------------------------------------------
+
+class _Payload:
+    "A pickle that, when loaded, creates the file `marker`: what a planted checkpoint file could do"
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (open, (self.marker, 'w'))
+
+def _interrupted(td, steps=6, at=None, **kw):
+    "Train `steps` steps with a checkpoint every 2, stopped by an exception at the eval of step `at` (None: no stop)"
+    def ev(model, step):
+        if step == at: raise KeyboardInterrupt(f'stopped at step {step}')
+        return {}
+    cfg = TrainConfig(**{**dict(steps=steps, batch_size=4, seq_len=16, warmup=1, log_every=1, device='cpu', ckpt_dir=str(td),
+                               ckpt_every=2, eval_every=2), **kw})
+    torch.manual_seed(0)
+    try: return train_causal_lm(tiny_llama(), _ds(), cfg, eval_fn=ev)
+    except KeyboardInterrupt: return None
+
+@pytest.fixture(scope='module')
+def straight():
+    "The losses of 6 uninterrupted steps, the reference of the resumed runs below"
+    torch.manual_seed(0)
+    return train_causal_lm(tiny_llama(), _ds(), TrainConfig(steps=6, batch_size=4, seq_len=16, warmup=1, log_every=1, device='cpu')).losses
+
+def _resume(td, **kw):
+    "Resume the run of `_interrupted` on a fresh model"
+    cfg = TrainConfig(**{**dict(steps=6, batch_size=4, seq_len=16, warmup=1, log_every=1, device='cpu', ckpt_dir=str(td), ckpt_every=2), **kw})
+    return train_causal_lm(tiny_llama(), _ds(), cfg)
+
+def test_resume_never_unpickles(tmp_path, monkeypatch, straight):
+    """A checkpoint holds safetensors and JSON only; pickles planted in it (accelerate's names) are never loaded, nor is
+    anything else unpickled while resuming, and the resumed run gives the uninterrupted run's losses exactly"""
+    import pickle
+    ck = tmp_path/'ck'
+    _interrupted(ck, at=6)
+    path = latest_checkpoint(ck)
+    assert path.name == 'step_0000004'
+    assert {p.suffix for p in path.iterdir()} == {'.json', '.safetensors'}
+    for f in ('custom_checkpoint_0.pkl', 'random_states_0.pkl', 'optimizer.bin', 'scheduler.bin', 'pytorch_model.bin'):
+        (path/f).write_bytes(pickle.dumps(_Payload(tmp_path/f'ran-{f}')))
+    def refuse(*a, **k): raise AssertionError('something was unpickled while resuming')
+    for mod, name in [(pickle, 'load'), (pickle, 'loads'), (pickle, 'Unpickler'), (torch, 'load')]: monkeypatch.setattr(mod, name, refuse)
+    r = _resume(ck)
+    assert not list(tmp_path.glob('ran-*'))
+    assert r.start_step == 4 and r.losses == straight  # measured: equal to the last bit
+
+@pytest.mark.parametrize('damage', ['model.safetensors', 'optimizer.safetensors', 'meta.json', 'config', 'missing'])
+def test_damaged_checkpoint_falls_back(tmp_path, caplog, straight, damage):
+    """The last two checkpoints are kept; when the newest is damaged (a truncated file, a meta.json without config, a
+    missing file) the run resumes from the one before it with a warning naming the damage, and ends as the uninterrupted run"""
+    ck = tmp_path/'ck'
+    (ck/'.tmp-step_0000001').mkdir(parents=True)  # what a save killed long ago left
+    _interrupted(ck, at=6)
+    assert [p.name for p in sorted(ck.iterdir())] == ['step_0000002', 'step_0000004']
+    new = ck/'step_0000004'
+    if damage == 'config': (new/'meta.json').write_text(json.dumps({k: v for k, v in json.loads((new/'meta.json').read_text()).items() if k != 'config'}))
+    elif damage == 'missing': (new/'optimizer.safetensors').unlink()
+    else: (new/damage).write_bytes((new/damage).read_bytes()[:100])
+    with caplog.at_level('WARNING', 'llmlit.train'): r = _resume(ck)
+    assert r.start_step == 2 and r.losses == straight
+    why = {'model.safetensors': 'model.safetensors is unreadable', 'optimizer.safetensors': 'optimizer.safetensors is unreadable',
+           'meta.json': 'meta.json is unreadable', 'config': "meta.json lacks some of", 'missing': 'optimizer.safetensors is missing'}[damage]
+    assert any('step_0000004 is damaged' in m and why in m for m in caplog.messages), caplog.messages
+
+def test_all_checkpoints_damaged(tmp_path):
+    "When no checkpoint loads, the run stops naming each one's damage instead of silently starting again from step 0"
+    from llmlit.train import DamagedCheckpoint
+    _interrupted(tmp_path, at=6)
+    for p in tmp_path.glob('step_*/model.safetensors'): p.write_bytes(b'')
+    with pytest.raises(DamagedCheckpoint, match=r'no checkpoint .* can be loaded \(step_0000004: model.safetensors is unreadable.*step_0000002'):
+        _resume(tmp_path)
+
+def test_old_format_checkpoint_is_not_loaded(tmp_path):
+    "A checkpoint of accelerate's format (pickles) from an older llmlit is refused by name, never loaded"
+    from llmlit.train import DamagedCheckpoint
+    d = tmp_path/'step_0000002'; d.mkdir()
+    (d/'meta.json').write_text(json.dumps(dict(step=2, history=[], evals=[], losses=[1., 1.], tokens=128, config={})))
+    (d/'custom_checkpoint_0.pkl').write_bytes(b'x')
+    with pytest.raises(DamagedCheckpoint, match=r'in format 1, not 2: an older llmlit .* pickles, which are never loaded'):
+        _resume(tmp_path)
+
+@pytest.mark.parametrize('change,msg', [(dict(betas=(0.8, 0.95)), "'betas'"), (dict(precision='bf16'), "'precision'"),
+                                        (dict(steps=8), r"'steps'.*set extend_steps=True")])
+def test_resume_refuses_other_settings_by_name(tmp_path, change, msg):
+    "Every setting that shapes the run is part of the checkpoint's fingerprint: a mismatch is refused, naming the field"
+    _interrupted(tmp_path, at=6)
+    with pytest.raises(ValueError, match=rf'other settings.*{msg}'): _resume(tmp_path, **change)
+
+def test_resume_refuses_other_data(tmp_path):
+    "A checkpoint records a hash of the first global batch: resuming it on other data is refused"
+    _interrupted(tmp_path, at=6)
+    other = Dataset.from_dict({'input_ids': [[4 + (2 * i + t) % 20 for t in range(16)] for i in range(8)]})
+    with pytest.raises(ValueError, match='trained on other data: the first global batch hashes'):
+        train_causal_lm(tiny_llama(), other, TrainConfig(steps=6, batch_size=4, seq_len=16, warmup=1, device='cpu',
+                                                         ckpt_dir=str(tmp_path), ckpt_every=2))
+
+def test_extend_steps(tmp_path):
+    "extend_steps=True continues a finished run to a larger `steps`; fewer steps than saved are still refused"
+    done = _interrupted(tmp_path, steps=4)
+    r = _resume(tmp_path, steps=6, extend_steps=True)
+    assert r.start_step == 4 and len(r.losses) == 6 and r.losses[:4] == done.losses
+    assert latest_checkpoint(tmp_path).name == 'step_0000006'
+    with pytest.raises(ValueError, match=r"'steps': \(6, 5\)"): _resume(tmp_path, steps=5, extend_steps=True)
+
+def test_nan_eval_stops_the_run(tmp_path):
+    "An eval_fn returning NaN stops the run like a NaN loss, before the checkpoint of that step"
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=16, warmup=1, eval_every=2, ckpt_every=2, ckpt_dir=str(tmp_path), device='cpu')
+    with pytest.raises(FloatingPointError, match=r"eval_fn returned \{'acc': nan\} at step 4"):
+        train_causal_lm(tiny_llama(), _ds(), cfg, eval_fn=lambda m, s: dict(acc=float('nan') if s == 4 else 0.5))
+    assert latest_checkpoint(tmp_path).name == 'step_0000002'
+
 # --- processes ------------------------------------------------------------------------------------------------
 
-def test_two_processes_match_one(tmp_path, lm_one):
+def test_two_processes_match_one(lm_one, lm_two):
     """torchrun with 2 CPU processes (gloo) and 1 process with 2 accumulation micro-steps, both at global batch 8,
     give the same loss curve.
 
@@ -113,10 +229,24 @@ def test_two_processes_match_one(tmp_path, lm_one):
     ~1e-7 relative per step (measured: 2e-7 over the 20 steps). The 1e-4 relative tolerance sits far above that and
     below real faults: normalising each process's gradient by its own target count instead of the global one (the
     rows differ in how many targets they have) moved the curve by 1.5e-3 relative, 15x the tolerance."""
-    a, b = lm_one, _run(tmp_path, 'two', nproc=2)
+    a, b = lm_one, lm_two
     assert b['world'] == 2 and a['world'] == 1 and len(a['losses']) == len(b['losses']) == 20
     assert _rel(a['losses'], b['losses']) <= 1e-4, _rel(a['losses'], b['losses'])
     assert a['losses'][-1] < a['losses'][0] - 0.5
+
+def test_ddp_resume_after_sigkill_never_unpickles(tmp_path, lm_two):
+    """2 DDP processes killed by SIGKILL after their second checkpoint resume on 2 processes to the uninterrupted run's
+    losses; pickles planted in the checkpoint (accelerate's names) are not run"""
+    import pickle
+    ck = tmp_path/'ck'
+    killed_at = _kill_after_checkpoint(tmp_path, 'killed', ck, 8, '--ckpt-every', 4, nproc=2)
+    path = latest_checkpoint(ck)
+    assert {p.name for p in path.iterdir()} == {'meta.json', 'model.safetensors', 'optimizer.safetensors', 'rng-00000.safetensors', 'rng-00001.safetensors'}
+    for f in ('custom_checkpoint_0.pkl', 'random_states_1.pkl', 'optimizer.bin'): (path/f).write_bytes(pickle.dumps(_Payload(tmp_path/f'ran-{f}')))
+    res = _run(tmp_path, 'resumed', '--ckpt-dir', ck, '--ckpt-every', 4, nproc=2)
+    assert not list(tmp_path.glob('ran-*'))
+    assert res['start_step'] == killed_at and res['tokens'] == lm_two['tokens']
+    assert _rel(lm_two['losses'], res['losses']) <= 1e-6, _rel(lm_two['losses'], res['losses'])
 
 def test_grad_accum_matches_full_batch():
     "Two micro-steps of 4 rows give the loss curve of one step of 8 rows (same process, same order of rows)"
@@ -197,20 +327,19 @@ def test_fsdp_matches_one_process(lm_one, lm_fsdp):
     assert lm_fsdp['losses'][-1] < lm_fsdp['losses'][0] - 0.5
 
 def test_fsdp_sharded_checkpoint_and_resume(tmp_path, lm_fsdp):
-    """An FSDP run writes a sharded DCP checkpoint (every layer's weight split over both processes' files, no full model
-    file), is killed by SIGKILL, and resumes on 2 processes to the uninterrupted FSDP run's losses"""
-    from torch.distributed.checkpoint import FileSystemReader
+    """An FSDP run writes a sharded checkpoint of safetensors (every layer's weight split over both processes' files, no
+    full model file, no DCP pickle), is killed by SIGKILL, and resumes on 2 processes to the uninterrupted FSDP run's losses"""
+    from safetensors import safe_open
     ck = tmp_path/'ck'
     killed_at = _kill_after_checkpoint(tmp_path, 'killed', ck, 8, '--fsdp', '--ckpt-every', 4, nproc=2)
     path = latest_checkpoint(ck)
     assert 8 <= killed_at < 20 and (path/'meta.json').exists()
-    files = {p.name for p in (path/'sharded').iterdir()}
-    assert {'.metadata', '__0_0.distcp', '__1_0.distcp'} <= files, files
-    assert not list(path.glob('model*.safetensors')) and not list(path.glob('pytorch_model*.bin'))
-    md = FileSystemReader(str(path/'sharded')).read_metadata()
-    w = 'model.model.layers.0.mlp.up_proj.weight'
-    assert {d.relative_path for i, d in md.storage_data.items() if i.fqn == w} == {'__0_0.distcp', '__1_0.distcp'}
-    assert any(i.fqn.startswith('optim.state.') for i in md.storage_data)  # Adam's moments are in the shards too
+    assert {p.name for p in path.iterdir()} == {'meta.json', *(f'{k}-{r:05d}.safetensors' for k in ('model', 'optimizer', 'rng') for r in (0, 1))}
+    w = 'model.layers.0.mlp.up_proj.weight'
+    shapes = [safe_open(str(path/f'model-{r:05d}.safetensors'), 'pt').get_slice(w).get_shape() for r in (0, 1)]
+    assert shapes == [[32, 32], [32, 32]], shapes  # (64, 32) split in halves
+    opt = safe_open(str(path/'optimizer-00000.safetensors'), 'pt').keys()
+    assert any(k.endswith('.exp_avg') for k in opt) and any(k.endswith('.exp_avg_sq') for k in opt)  # Adam's moments are in the shards too
     res = _run(tmp_path, 'resumed', '--fsdp', '--ckpt-dir', ck, '--ckpt-every', 4, nproc=2)
     assert res['start_step'] == killed_at and res['tokens'] == lm_fsdp['tokens']
     assert _rel(lm_fsdp['losses'], res['losses']) <= 1e-6, _rel(lm_fsdp['losses'], res['losses'])

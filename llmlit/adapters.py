@@ -6,7 +6,8 @@ Docs: https://llmlit.github.io/llmlit/adapters.html.md"""
 
 # %% auto #0
 __all__ = ['MODULE_ROLES', 'role_of', 'layer_modules', 'lora_params', 'get_theta', 'set_theta', 'theta_grad', 'sequence_logprobs',
-           'answer_probs', 'tiny_lm_for', 'config_params', 'llama_for_params', 'training_flops']
+           'answer_probs', 'tiny_lm_for', 'config_params', 'llama_for_params', 'training_flops', 'target_linears',
+           'replace_linears']
 
 # %% ../nbs/06_adapters.ipynb #1ff8c2bb
 import math, re
@@ -194,3 +195,26 @@ def training_flops(model_or_config, # a supported model or its config (e.g. from
     if not (isinstance(seq_len, int) and seq_len >= 1): raise ValueError(f"seq_len={seq_len!r} must be an integer >= 1")
     N, L, A = _matmul_shape(c)
     return dict(N=N, six_nd=6*N*tokens, exact=tokens*(6*N + 12*L*seq_len*A))
+
+# %% ../nbs/06_adapters.ipynb #44468817
+def target_linears(model, # any torch module, e.g. a Hugging Face causal LM
+                   target_modules): # a module-name suffix or a list of them, as PEFT's LoraConfig takes them
+    "Sorted names of the nn.Linear layers of `model` that `target_modules` selects (PEFT's suffix rule)"
+    if isinstance(target_modules, str): target_modules = [target_modules]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hits = {t: [n for n in names if n == t or n.endswith('.' + t)] for t in target_modules}
+    bad = [t for t, h in hits.items() if not h]
+    if bad:
+        raise ValueError(f"target_modules {bad} match no nn.Linear of this model; its linear layers end in "
+                         f"{sorted({n.split('.')[-1] for n in names})}")
+    return sorted({n for h in hits.values() for n in h})
+
+def replace_linears(model, # the module to change in place
+                    names, # names from `target_linears`
+                    make): # make(name, layer) -> the module that takes the layer's place
+    "Put `make(name, layer)` in place of each named layer of `model`; returns the model"
+    for n in names:
+        parent, _, child = n.rpartition('.')
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, make(n, getattr(owner, child)))
+    return model

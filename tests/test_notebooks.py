@@ -90,6 +90,8 @@ def rule_params(nb, m):
     values = [p for p in parsed if isinstance(p, tuple)]
     if values[:1] != [('preset', 'quick')]: out.append("the first parameter is not `preset = 'quick'`")
     if dict(values).get('smoke', False) is not False: out.append('`smoke` must default to False')
+    out += [f'papermill does not read parameter {k!r} (an `=` in its comment hides it), so `-p {k}=...` is refused'
+            for k, _ in values if k not in m.params]
     return out
 
 def rule_presets(nb, m):
@@ -237,6 +239,7 @@ VIOLATIONS = {  # name: (the rule that must flag it, a phrase of its message, th
     'nested list param': (rule_params, 'flat literal', sub("label = 'x'  # a name", "label = [[1], [2]]  # a name")),
     'param over two lines': (rule_params, 'one-line', sub("label = 'x'  # a name", "label = [1,\n         2]  # a name")),
     'preset not first': (rule_params, 'first parameter', sub("preset = 'quick'  # 'quick' or 'full'\n", "lr2 = 1  # x\npreset = 'quick'  # 'quick' or 'full'\n")),
+    'param papermill skips': (rule_params, 'papermill does not read', sub('lr = 0.1  # step size', 'lr = 0.1  # step size, x = 2 lr')),
     'smoke on by default': (rule_params, 'smoke', sub("label = 'x'  # a name", "smoke = True  # toy size")),
     'PRESETS not next': (rule_presets, 'does not assign PRESETS', insert_after("preset = 'quick'", 'x = 1')),
     'PRESETS not literal': (rule_presets, 'literals', sub('scale=1)', "scale=len('a'))")),

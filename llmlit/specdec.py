@@ -6,10 +6,10 @@ Docs: https://llmlit.github.io/llmlit/specdec.html.md"""
 
 # %% auto #0
 __all__ = ['RULES', 'GeneralSpS', 'SpS', 'binary_kl', 'cactus_gamma', 'cactus_target', 'Cactus', 'TypicalAcceptance', 'Interp',
-           'TopKAccept', 'warp_probs', 'sample_from', 'verify_block', 'exact_output_law', 'kl_div', 'accept_rate',
-           'check_pair', 'SpecOutput', 'speculative_generate', 'expected_tokens_per_call', 'acceptance_stats',
-           'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'BigramLM', 'markov_table',
-           'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']
+           'TopKAccept', 'get_rule', 'warp_probs', 'sample_from', 'verify_block', 'exact_output_law', 'kl_div',
+           'accept_rate', 'check_pair', 'SpecOutput', 'speculative_generate', 'expected_tokens_per_call',
+           'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'BigramLM',
+           'markov_table', 'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']
 
 # %% ../nbs/30_specdec.ipynb #953ee063
 import copy, inspect, math, time
@@ -37,11 +37,15 @@ def _normalize(r, fallback):
 class GeneralSpS:
     "Generalised speculative sampling (Cactus paper, Thm 1): test x against a target h(p, q, x) instead of q"
     deterministic = False
+    keeps_q = False             # the emitted law is q for every draft law p
+    keeps_q_if_p_is_q = True    # p = q makes the emitted law q
+    in_q_support = True         # never emits a token that q gives probability 0
+    greedy_exact = True         # at temperature 0 (one-hot p and q) the output is the target's greedy output
     def target(self, p, q, x): raise NotImplementedError
     def accept_prob(self, p, q, x):
-        "min(1, h(x)/p(x)), (...)"
+        "min(1, h(x)/p(x)), 1 where p(x) = 0 (x is never drafted there); NaN in p or h stays NaN, (...)"
         hx, px = _gather(self.target(p, q, x), x), _gather(p, x)
-        return torch.where(px > 0, (hx / px.clamp_min(torch.finfo(px.dtype).tiny)).clamp(max=1), torch.ones_like(px))
+        return torch.where(px == 0, torch.ones_like(px), (hx / px).clamp(max=1))
     def residual(self, p, q, x):
         "The law sampled after rejecting x: normalize(max(h - p, 0)), (..., V)"
         h = self.target(p, q, x)
@@ -50,6 +54,7 @@ class GeneralSpS:
 
 class SpS(GeneralSpS):
     "Speculative sampling (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023, arXiv 2302.01318): h = q"
+    keeps_q = True
     def target(self, p, q, x): return q
 
 # %% ../nbs/30_specdec.ipynb #87972efe
@@ -91,15 +96,16 @@ def cactus_target(q, x, delta, exact=False):
 class Cactus(GeneralSpS):
     "Cactus (Hao & Mou, ICLR 2026, arXiv 2604.04987): SpS against the KL-constrained h of Thm 2"
     def __init__(self, delta=1.0, exact=False): self.delta, self.exact = _check_delta(delta), bool(exact)
+    keeps_q = property(lambda self: self.delta == 0)   # delta = 0 is SpS; greedy_exact for every delta (one-hot q: gamma = q_n)
     def target(self, p, q, x): return cactus_target(q, x, self.delta, self.exact)
 
 # %% ../nbs/30_specdec.ipynb #525b6318
 class TypicalAcceptance:
     "Typical acceptance (Medusa, Cai et al. 2024, arXiv 2401.10774): keep x iff q(x) > min(eps, alpha*exp(-H(q)))"
-    deterministic = True
+    deterministic, keeps_q, keeps_q_if_p_is_q, in_q_support, greedy_exact = True, False, False, True, True
     def __init__(self, posterior_threshold=0.09, posterior_alpha=0.3):
         for n, v in (('posterior_threshold', posterior_threshold), ('posterior_alpha', posterior_alpha)):
-            if not 0 < v <= 1: raise ValueError(f"{n}={v!r} must lie in (0, 1]")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1: raise ValueError(f"{n}={v!r} must lie in (0, 1]")
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
     def threshold(self, q):
         "tau = min(eps, alpha * exp(-H(q))), H computed with Medusa's +1e-5 guard, (...)"
@@ -112,31 +118,44 @@ class TypicalAcceptance:
 class Interp(GeneralSpS):
     "Interpolation baseline of the Cactus repository (cactus/interp.py): h = lam*p + (1-lam)*q"
     def __init__(self, lam=0.5):
-        if not 0 <= lam <= 1: raise ValueError(f"lam={lam!r} must lie in [0, 1]")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1: raise ValueError(f"lam={lam!r} must lie in [0, 1]")
         self.lam = lam
+    keeps_q = in_q_support = greedy_exact = property(lambda self: self.lam == 0)   # lam > 0 keeps draft tokens q rules out
     def target(self, p, q, x): return self.lam * p + (1 - self.lam) * q
 
 class TopKAccept(GeneralSpS):
-    "Top-k baseline of the Cactus repository (cactus/topk.py): keep x iff q(x) is among q's k largest"
-    deterministic = True
+    "Top-k baseline of the Cactus repository (cactus/topk.py): keep x iff q(x) > 0 and q(x) is among q's k largest"
+    deterministic, keeps_q_if_p_is_q = True, False
     def __init__(self, k=5):
-        if not (isinstance(k, int) and k >= 1): raise ValueError(f"k={k!r} must be an integer >= 1")
+        if isinstance(k, bool) or not (isinstance(k, int) and k >= 1): raise ValueError(f"k={k!r} must be an integer >= 1")
         self.k = k
     def target(self, p, q, x):
-        "The indicator of q's top-k set (not normalised, as in the repository)"
+        "The indicator of q's top-k set within q's support (not normalised, as in the repository)"
         thr = q.topk(min(self.k, q.shape[-1]), -1).values[..., -1:]
-        return (q >= thr).to(q.dtype)
+        return ((q >= thr) & (q > 0)).to(q.dtype)   # q > 0: a support smaller than k must not let every token pass
 
 RULES = dict(sps=SpS, tas=TypicalAcceptance, cactus=Cactus, interp=Interp, topk=TopKAccept)
 
+def get_rule(rule=None):
+    "An acceptance rule from None (SpS()), a name in `RULES` (its defaults, e.g. 'cactus') or a rule object"
+    if rule is None: return SpS()
+    if isinstance(rule, str):
+        if rule not in RULES: raise ValueError(f"rule={rule!r} is not a registered rule: use one of {list(RULES)} or a rule object")
+        return RULES[rule]()
+    if isinstance(rule, type) or not all(callable(getattr(rule, a, None)) for a in ('accept_prob', 'residual')):
+        raise ValueError(f"rule={rule!r} must be one of {list(RULES)} or an object with accept_prob and residual, e.g. Cactus(0.5)")
+    return rule
+
 # %% ../nbs/30_specdec.ipynb #e3a04aa1
+def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 def _check_sampling(temperature, top_k, top_p):
-    "Raise on a negative temperature, top_k < 1 or top_p outside (0, 1]"
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+    "Raise on a temperature that is not a finite number >= 0, top_k < 1 or top_p outside (0, 1]"
+    if not (_is_num(temperature) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and not (_is_num(top_k) and isinstance(top_k, int) and top_k >= 1):
         raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (_is_num(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be None or lie in (0, 1]")
 
 def warp_probs(logits, # (..., V)
@@ -158,21 +177,34 @@ def warp_probs(logits, # (..., V)
     return probs
 
 def sample_from(probs, u):
-    "Inverse-CDF draw from `probs` (..., V) with uniforms `u` (...) in (0, 1]"
+    "Inverse-CDF draw from `probs` (..., V) with uniforms `u` (...) in (0, 1]; `probs` must be a law (the loops check logits first)"
     c = probs.cumsum(-1)
     return (c < u.unsqueeze(-1) * c[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 # %% ../nbs/30_specdec.ipynb #571ffc0c
+def _check_law(t, name):
+    "Raise unless every row of t (..., V) is a law: finite, >= 0, with positive mass"
+    bad = ~(torch.isfinite(t).all(-1) & (t >= 0).all(-1) & (t.sum(-1) > 0))
+    if bad.any():
+        raise ValueError(f"{name} is not a probability law (NaN, inf, negative or all-zero) at index {bad.nonzero()[0].tolist()} "
+                         f"of its leading axes {tuple(bad.shape)}")
+
 def verify_block(p, # draft laws the drafts were sampled from, (B, k, V)
                  q, # target laws at the k drafted positions and the one after, (B, k+1, V)
                  draft_ids, # drafted tokens, (B, k)
-                 rule, # an acceptance rule, e.g. SpS() or Cactus(1.0)
+                 rule, # an acceptance rule, e.g. SpS(), Cactus(1.0) or a name in RULES
                  generator=None):
     "Accept a prefix of each row's k drafts and add one token; returns ids (B, k+1) padded with -1 and counts (B,)"
     B, k = draft_ids.shape
     if p.shape[:2] != (B, k) or q.shape[:2] != (B, k + 1) or p.shape[-1] != q.shape[-1]:
         raise ValueError(f"shapes must be p (B, k, V), q (B, k+1, V), draft_ids (B, k); got {tuple(p.shape)}, "
                          f"{tuple(q.shape)}, {tuple(draft_ids.shape)}")
+    _check_law(p, 'p (the draft laws)'); _check_law(q, 'q (the target laws)')
+    return _verify_block(p, q, draft_ids, get_rule(rule), generator)
+
+def _verify_block(p, q, draft_ids, rule, generator=None):
+    "verify_block without the checks, for loops that checked the logits the laws came from"
+    B, k = draft_ids.shape
     u = torch.rand(B, k + 1, generator=generator, device=q.device, dtype=q.dtype)
     ok = u[:, :k] < rule.accept_prob(p, q[:, :k], draft_ids)
     n = ok.long().cumprod(-1).sum(-1)   # accepted prefix length per row
@@ -189,6 +221,7 @@ def exact_output_law(p, # draft law (..., V)
                      q, # target law (..., V)
                      rule, top_m=None):
     "The law of the first token a rule emits, h_alg (..., V), summed over the draft token (its top_m if given)"
+    _check_law(p, 'p'); _check_law(q, 'q'); rule = get_rule(rule)
     V = p.shape[-1]
     if top_m is not None and top_m < V:
         w, xs = p.topk(top_m, -1)
@@ -206,7 +239,7 @@ def kl_div(h, q):
 # %% ../nbs/30_specdec.ipynb #c6920db6
 def accept_rate(p, q, rule):
     "Mean acceptance of the first draft, sum_x p(x) a(x), (...)"
-    V = p.shape[-1]
+    V, rule = p.shape[-1], get_rule(rule)
     xs = torch.arange(V, device=p.device).expand(p.shape)
     P, Q = p.unsqueeze(-2).expand(*xs.shape, V), q.unsqueeze(-2).expand(*xs.shape, V)
     return (p * rule.accept_prob(P, Q, xs)).sum(-1)
@@ -238,10 +271,21 @@ class SpecOutput:
     new_tokens: int = 0
     target_calls: int = 0
 
+def _bad_logits(lg):
+    "Where logits (..., V) give no law: NaN or +inf somewhere, or -inf everywhere, (...); no host sync"
+    return (lg.isnan() | (lg == math.inf)).any(-1) | (lg == -math.inf).all(-1)
+
+def _check_logits(lg, who, where):
+    "Raise if a row of logits (B, ..., V) holds NaN or +inf, or is -inf everywhere: no law can be drawn from it"
+    bad = _bad_logits(lg)
+    if bad.any():
+        raise ValueError(f"the {who} model returned logits with NaN, +inf or only -inf at {where}, "
+                         f"rows {bad.reshape(len(bad), -1).any(-1).nonzero()[:, 0].tolist()[:8]}")
+
 class _Runner:
     "A model with its KV cache and the number of committed tokens the cache holds"
-    def __init__(self, model, use_cache):
-        self.m, self.use_cache, self.n = model, use_cache, 0
+    def __init__(self, model, use_cache, who):
+        self.m, self.use_cache, self.n, self.who = model, use_cache, 0, who
         self.cache = DynamicCache() if use_cache else None
         params = inspect.signature(model.forward).parameters   # transformers >= 5.2x names the cache `cache`
         self.key = 'cache' if 'cache' in params else 'past_key_values'
@@ -249,11 +293,16 @@ class _Runner:
         "Logits for the tokens of ids (B, T) the cache has not seen, (B, T - n, V)"
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         if not self.use_cache:
-            return self.m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, self.n:]
-        out = self.m(input_ids=ids[:, self.n:], attention_mask=mask, position_ids=pos[:, self.n:],
-                     use_cache=True, **{self.key: self.cache})
-        self.n = ids.shape[1]
-        return out.logits
+            lg = self.m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, self.n:]
+        else:
+            lg = self.m(input_ids=ids[:, self.n:], attention_mask=mask, position_ids=pos[:, self.n:],
+                        use_cache=True, **{self.key: self.cache}).logits
+            self.n = ids.shape[1]
+        V = self.m.config.vocab_size
+        if lg.shape[-1] != V:
+            raise ValueError(f"the {self.who} model returns logits of width {lg.shape[-1]} but {self.who}.config.vocab_size={V}: "
+                             "its config must state the width of its output layer")
+        return lg
     def crop(self, n):
         "Forget cached positions from n on"
         if self.use_cache and self.cache.get_seq_length() > n:
@@ -261,36 +310,54 @@ class _Runner:
         self.n = n
 
 # %% ../nbs/30_specdec.ipynb #1165c02d
-def _check_args(k, max_new_tokens, input_ids, dev):
-    "Raise on k < 1, max_new_tokens < 1, or input_ids of the wrong shape, type or device"
-    if not (isinstance(k, int) and k >= 1): raise ValueError(f"k={k!r} must be an integer >= 1 (drafts per target call)")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1): raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and not input_ids.is_floating_point()):
+def _check_count(name, v, what):
+    "Raise unless v is an integer >= 1 (a bool is not a count)"
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name}={v!r} must be an integer >= 1 ({what})")
+
+def _check_prompt(input_ids, attention_mask, V, dev):
+    "Raise unless input_ids is a non-empty (B, T) tensor of ids in [0, V) on dev and attention_mask a left-padding mask of its shape"
+    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and not input_ids.is_floating_point() and input_ids.dtype != torch.bool):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.numel() == 0: raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: it needs at least one row and one token")
     if input_ids.device != dev: raise ValueError(f"input_ids is on {input_ids.device} but the models are on {dev}")
+    lo, hi = input_ids.aminmax()
+    if lo < 0 or hi >= V: raise ValueError(f"input_ids holds ids from {int(lo)} to {int(hi)}; the vocabulary is [0, {V}) (config.vocab_size)")
+    if attention_mask is None: return torch.ones_like(input_ids)
+    if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {getattr(attention_mask, 'shape', type(attention_mask))}")
+    m = attention_mask.to(dev)
+    if not ((m == 0) | (m == 1)).all(): raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    m = m.to(input_ids.dtype)
+    if (m.sum(-1) == 0).any():
+        raise ValueError(f"attention_mask rows {(m.sum(-1) == 0).nonzero()[:, 0].tolist()[:8]} are all zeros: every prompt needs a token")
+    if (m[:, 1:] < m[:, :-1]).any(): raise ValueError("attention_mask must be left padding: in each row its zeros come before its ones")
+    return m
 
 @torch.no_grad()
 def speculative_generate(target, # HF causal LM to sample from
                          draft, # HF causal LM with the same vocabulary, on the same device
                          input_ids, # prompts (B, T0), left-padded if their lengths differ
-                         rule=None, # acceptance rule; default SpS()
+                         rule=None, # acceptance rule or a name in RULES ('sps', 'cactus', ...); default SpS()
                          k=4, # drafts per target call
-                         max_new_tokens=128, temperature=1.0, top_k=None, top_p=None,
+                         max_new_tokens=128,
+                         temperature=1.0, # 0: greedy, the rule applied to one-hot laws (see "Temperature 0" above)
+                         top_k=None, top_p=None,
                          seed=0, # seeds the generator of all draws (drafts, acceptance, residuals)
                          use_cache=True, # False: recompute every forward from scratch (the reference path)
                          attention_mask=None, # (B, T0), 0 on left padding
-                         track_kl=True, # record KL(h_alg ‖ q) of each block's first token
+                         track_kl=False, # record KL(h_alg ‖ q) of each block's first token (costly: a (B, kl_top_m, V) table)
                          kl_top_m=64, # draft tokens summed over for that KL (exact when p has <= kl_top_m tokens)
                          target_tokenizer=None, draft_tokenizer=None):
     "Speculative decoding with any acceptance rule: k drafts per target forward, KV caches cropped after each block"
     dev = check_pair(target, draft, target_tokenizer, draft_tokenizer)
-    _check_args(k, max_new_tokens, input_ids, dev); _check_sampling(temperature, top_k, top_p)
-    rule = SpS() if rule is None else rule
+    _check_count('k', k, 'drafts per target call'); _check_count('max_new_tokens', max_new_tokens, 'tokens to generate')
+    _check_sampling(temperature, top_k, top_p); rule = get_rule(rule)
+    mask = _check_prompt(input_ids, attention_mask, target.config.vocab_size, dev)
     warp = lambda lg: warp_probs(lg, temperature, top_k, top_p)
     gen = torch.Generator(device=dev).manual_seed(seed)
     B, T0 = input_ids.shape
-    seq, mask = input_ids, (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype))
-    tr, dr = _Runner(target, use_cache), _Runner(draft, use_cache)
+    seq = input_ids
+    tr, dr = _Runner(target, use_cache, 'target'), _Runner(draft, use_cache, 'draft')
     acc, rows, kls, drafted, calls = [], [], [], 0, 0
     t0 = time.perf_counter()
     while seq.shape[1] - T0 < max_new_tokens:
@@ -300,13 +367,13 @@ def speculative_generate(target, # HF causal LM to sample from
         for i in range(kk):
             cur = torch.cat([seq, *[x[:, None] for x in xs]], 1)
             lg = dr(cur, F.pad(mask, (0, i), value=1))[:, -1]
+            _check_logits(lg, 'draft', f'block {calls + 1}, draft {i + 1} of {kk} (new token {L - T0 + i + 1})')
             ps.append(warp(lg)); xs.append(sample_from(ps[-1], 1 - torch.rand(B, generator=gen, device=dev, dtype=ps[-1].dtype)))
         p, x = torch.stack(ps, 1), torch.stack(xs, 1)
-        lt = tr(torch.cat([seq, x], 1), F.pad(mask, (0, kk), value=1))
-        if lt.shape[-1] != p.shape[-1]:
-            raise ValueError(f"target and draft logits differ in width ({lt.shape[-1]} vs {p.shape[-1]}): they need one vocabulary")
-        q = warp(lt[:, -(kk + 1):]).to(p.dtype)
-        ids, n = verify_block(p, q, x, rule, gen)
+        lt = tr(torch.cat([seq, x], 1), F.pad(mask, (0, kk), value=1))[:, -(kk + 1):]
+        _check_logits(lt, 'target', f'block {calls + 1}, verifying new tokens {L - T0 + 1} to {L - T0 + kk + 1}')
+        q = warp(lt).to(p.dtype)
+        ids, n = _verify_block(p, q, x, rule, gen)
         m = int(n.min())
         seq, mask = torch.cat([seq, ids[:, :m + 1]], 1), F.pad(mask, (0, m + 1), value=1)
         tr.crop(L + m); dr.crop(min(L + m, L + kk - 1))
@@ -354,6 +421,8 @@ class StaticLlama(nn.Module):
         super().__init__()
         require_arch(model, ('llama', 'mistral', 'qwen2'), 'StaticLlama')
         c = model.config
+        W = model.get_output_embeddings().weight.shape[0]
+        if W != c.vocab_size: raise ValueError(f"model's output layer has {W} rows but model.config.vocab_size={c.vocab_size}")
         self.model, self.max_len = model, max_len
         self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
         self.hd = getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
@@ -407,51 +476,70 @@ def _draw(logits, temperature, top_k, top_p):
 def _sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
+def _raise_bad(who, step):
+    raise ValueError(f"the {who} model returned logits with NaN, +inf or only -inf at {step}")
+
 @torch.no_grad()
 def decode_static(dec, # a StaticLlama with max_len >= prompt + max_new_tokens
                   prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                   graph=None): # capture the step in a CUDA graph; default: on CUDA devices
     "Autoregressive decoding on `StaticLlama`, one (graph-replayed) step per token; returns (sequences, decode seconds)"
-    _check_sampling(temperature, top_k, top_p)
-    dev, (B, T0) = prompt.device, prompt.shape
+    _check_sampling(temperature, top_k, top_p); _check_count('max_new_tokens', max_new_tokens, 'tokens to generate')
+    dev, V = model_device(dec.model), dec.model.config.vocab_size
+    _check_prompt(prompt, None, V, dev)
+    B, T0 = prompt.shape
     if T0 + max_new_tokens > dec.max_len: raise ValueError(f"prompt + max_new_tokens = {T0 + max_new_tokens} > max_len={dec.max_len}")
     graph = dev.type == 'cuda' if graph is None else graph
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     tok, pos, j = torch.zeros(B, 1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    bad_at = torch.full((1,), -1, dtype=torch.long, device=dev)   # first new token whose logits gave no law
     def step():
-        nxt = _draw(dec(tok, pos)[:, -1], temperature, top_k, top_p)[0].unsqueeze(-1)
+        lg = dec(tok, pos)[:, -1]
+        bad_at.copy_(torch.where((bad_at < 0) & _bad_logits(lg).any(), j, bad_at))
+        nxt = _draw(lg, temperature, top_k, top_p)[0].unsqueeze(-1)
         out.index_copy_(1, j, nxt); tok.copy_(nxt); pos.add_(1); j.add_(1)
     run = _Replay(step, graph)
-    first = _draw(dec(prompt, torch.zeros_like(pos))[:, -1], temperature, top_k, top_p)[0].unsqueeze(-1)
-    out[:, :1] = first; tok.copy_(first); pos.fill_(T0); j.fill_(1)
+    lg0 = dec(prompt, torch.zeros_like(pos))[:, -1]
+    if _bad_logits(lg0).any(): _raise_bad('decoded', 'new token 1')
+    first = _draw(lg0, temperature, top_k, top_p)[0].unsqueeze(-1)
+    out[:, :1] = first; tok.copy_(first); pos.fill_(T0); j.fill_(1); bad_at.fill_(-1)
     _sync(dev); t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1): run()
     _sync(dev)
-    return torch.cat([prompt, out], 1), time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if bad_at.item() >= 0: _raise_bad('decoded', f'new token {bad_at.item() + 1}')
+    return torch.cat([prompt, out], 1), wall
 
 # %% ../nbs/30_specdec.ipynb #34b1a717
 @torch.no_grad()
 def spec_decode_static(tdec, # StaticLlama of the target, max_len >= prompt + max_new_tokens + k + 1
                        ddec, # StaticLlama of the draft, same batch size and max_len
-                       prompt, max_new_tokens, rule=None, k=4, temperature=0.0, top_k=None, top_p=None,
+                       prompt, max_new_tokens,
+                       rule=None, # acceptance rule or a name in RULES; default SpS()
+                       k=4,
+                       temperature=0.0, # 0: greedy, the rule applied to one-hot laws as in `speculative_generate`
+                       top_k=None, top_p=None,
                        graph=None): # capture the draft's k steps and the target's verify step in CUDA graphs
     "Speculative decoding on static caches: two graph replays and one host sync per block; returns (SpecOutput, decode seconds)"
-    _check_sampling(temperature, top_k, top_p)
-    if not (isinstance(k, int) and k >= 1): raise ValueError(f"k={k!r} must be an integer >= 1")
-    rule = SpS() if rule is None else rule
-    dev, (B, T0) = prompt.device, prompt.shape
+    _check_sampling(temperature, top_k, top_p); rule = get_rule(rule)
+    _check_count('k', k, 'drafts per target call'); _check_count('max_new_tokens', max_new_tokens, 'tokens to generate')
+    dev, V = model_device(tdec.model), tdec.model.config.vocab_size
+    _check_prompt(prompt, None, V, dev)
+    B, T0 = prompt.shape
     if T0 + max_new_tokens + k + 1 > min(tdec.max_len, ddec.max_len):
         raise ValueError(f"prompt + max_new_tokens + k + 1 = {T0 + max_new_tokens + k + 1} exceeds a decoder's max_len")
     graph = dev.type == 'cuda' if graph is None else graph
-    V = tdec.model.config.vocab_size
+    argmax_only = temperature == 0 and getattr(rule, 'greedy_exact', False)   # the rule's T = 0 decisions are argmax comparisons
     seq = torch.zeros(B, T0 + max_new_tokens + k + 1, dtype=torch.long, device=dev); seq[:, :T0] = prompt
     lp = lambda: torch.zeros(1, dtype=torch.long, device=dev)
     dtok, dpos, tpos = torch.zeros(B, 1, dtype=torch.long, device=dev), lp(), lp()
     drafts, tin = torch.zeros(B, k, dtype=torch.long, device=dev), torch.zeros(B, k + 1, dtype=torch.long, device=dev)
-    pbuf = torch.zeros(B, k, V, device=dev)
+    pbuf, dbad = torch.zeros(B, k, V, device=dev), torch.zeros(B, k, dtype=torch.bool, device=dev)
     def draft_k():
         for i in range(k):   # unrolled into one graph
-            x, pr = _draw(ddec(dtok, dpos)[:, -1], temperature, top_k, top_p)
+            lg = ddec(dtok, dpos)[:, -1]
+            dbad[:, i] = _bad_logits(lg)
+            x, pr = _draw(lg, temperature, top_k, top_p)
             drafts[:, i] = x; dtok.copy_(x.unsqueeze(-1)); dpos.add_(1)
             if pr is not None: pbuf[:, i] = pr
     def verify(): return tdec(tin, tpos).float()
@@ -464,12 +552,16 @@ def spec_decode_static(tdec, # StaticLlama of the target, max_len >= prompt + ma
         dtok.copy_(seq[:, L - 1:L]); dpos.fill_(L - 1); runs[0]()
         tin[:, :1] = seq[:, L - 1:L]; tin[:, 1:] = drafts; tpos.fill_(L - 1)
         lt = runs[1]()
-        if temperature == 0:   # greedy: keep drafts while they equal the target's argmax, then emit that argmax
+        flags = torch.stack([dbad.any(), _bad_logits(lt).any()]).tolist()
+        if flags[0]: _raise_bad('draft', f'block {calls + 1}, draft {dbad.any(0).nonzero()[0, 0].item() + 1} of {k} (new token {L - T0 + 1} on)')
+        if flags[1]: _raise_bad('target', f'block {calls + 1}, verifying new tokens {L - T0 + 1} to {L - T0 + k + 1}')
+        if argmax_only:   # keep drafts while they equal the target's argmax, then emit that argmax
             qa = lt.argmax(-1)
             n = (qa[:, :k] == drafts).long().cumprod(-1).sum(-1); m = int(n.min())
             new = qa[:, :m + 1]
         else:
-            ids, n = verify_block(pbuf, warp_probs(lt, temperature, top_k, top_p), drafts, rule)
+            p = F.one_hot(drafts, V).float() if temperature == 0 else pbuf
+            ids, n = _verify_block(p, warp_probs(lt, temperature, top_k, top_p), drafts, rule)
             m = int(n.min()); new = ids[:, :m + 1]
         seq[:, L:L + m + 1] = new
         if m == k: dtok.copy_(drafts[:, -1:]); dpos.fill_(L - 1 + k); runs[2]()

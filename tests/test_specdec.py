@@ -1,12 +1,13 @@
 "Cross-checks of llmlit.specdec: exact laws, chi-square tests at significance 1e-3 with fixed seeds, greedy equality, bad input."
-import importlib.util, math
+import copy, importlib.util, math
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from llmlit.data import BigramLM, markov_table
 from llmlit.models import tiny_llama, word_tokenizer
-from llmlit.specdec import (RULES, SpS, Cactus, TypicalAcceptance, cactus_gamma, cactus_target, verify_block, exact_output_law,
+from llmlit.specdec import (RULES, SpS, Cactus, TypicalAcceptance, Interp, TopKAccept, get_rule, cactus_gamma, cactus_target, verify_block, exact_output_law,
                             kl_div, accept_rate, warp_probs, sample_from, speculative_generate, acceptance_stats,
                             expected_tokens_per_call, early_exit_draft, StaticLlama, decode_static, spec_decode_static)
 
@@ -24,12 +25,12 @@ def chi2_ok(samples, law, N):
     keep = law > 0
     return chisquare(counts[keep].numpy(), (N * law[keep] / law[keep].sum()).numpy()).pvalue
 
-VARIANTS = dict(tas=dict(posterior_threshold=0.2, posterior_alpha=0.5), cactus=dict(delta=0.5, exact=True), interp=dict(lam=0.4),
-                topk=dict(k=3))   # a second setting of each rule that has settings
+VARIANTS = dict(tas=[dict(posterior_threshold=0.2, posterior_alpha=0.5)], cactus=[dict(delta=0.5, exact=True), dict(delta=0.0)],
+                interp=[dict(lam=0.4), dict(lam=0.0)], topk=[dict(k=3)])   # more settings of each rule that has settings
 
 def rules_of(name):
-    "The rule `name` of `RULES` with its defaults, and with its `VARIANTS` setting"
-    return [RULES[name]()] + ([RULES[name](**VARIANTS[name])] if name in VARIANTS else [])
+    "The rule `name` of `RULES` with its defaults, and with each of its `VARIANTS` settings"
+    return [RULES[name]()] + [RULES[name](**v) for v in VARIANTS.get(name, [])]
 
 def test_import_without_notebooks():
     import llmlit.specdec as m
@@ -67,7 +68,7 @@ def test_one_step_monte_carlo_matches_exact_law(name):
         g = torch.Generator().manual_seed(0)
         x = sample_from(p.expand(N, V), 1 - torch.rand(N, generator=g, dtype=D))
         ids, n = verify_block(p.expand(N, 1, V), q.expand(N, 2, V), x[:, None], rule, g)
-        law = q[0] if name == 'sps' else exact_output_law(p[0], q[0], rule)
+        law = q[0] if rule.keeps_q else exact_output_law(p[0], q[0], rule)
         assert chi2_ok(ids[:, 0], law, N) > ALPHA
         assert abs(n.double().mean() - accept_rate(p, q, rule)[0]) < 5 * math.sqrt(0.25 / N)
 
@@ -101,7 +102,7 @@ def test_three_token_chain_law(name):
     g = torch.Generator().manual_seed(11)
     out = chain_sample(tp, tq, torch.full((N,), x0), rule, 3, 3, g)
     law = joint3(tp, tq, rule, x0)
-    if name == 'sps':
+    if rule.keeps_q:
         exact = torch.einsum('a,ab,bc->abc', tq[x0], tq, tq).reshape(-1)
         assert torch.allclose(law, exact, atol=1e-12)
     assert chi2_ok(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], law, N) > ALPHA
@@ -254,10 +255,11 @@ def test_greedy_equals_generate_smollm2_self_draft():
 def test_stats_and_kl_tracking():
     t, d = tiny_pair(2)
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
-    out = speculative_generate(t, d, ids, SpS(), k=3, max_new_tokens=12)
+    assert speculative_generate(t, d, ids, SpS(), k=3, max_new_tokens=12).kl_per_step == []   # opt-in: off by default
+    out = speculative_generate(t, d, ids, SpS(), k=3, max_new_tokens=12, track_kl=True)
     st = acceptance_stats(out)
     assert 0 <= st['acceptance_rate'] <= 1 and st['tokens_per_call'] >= 1 and abs(st['kl_mean']) < 1e-5
-    o2 = speculative_generate(t, d, ids, TypicalAcceptance(), k=3, max_new_tokens=12)
+    o2 = speculative_generate(t, d, ids, TypicalAcceptance(), k=3, max_new_tokens=12, track_kl=True)
     assert acceptance_stats(o2)['kl_mean'] > 0
 
 def test_static_loops_cpu_fallback():
@@ -297,3 +299,156 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match='n_layers'): early_exit_draft(t, 0)
     with pytest.raises(ValueError, match='shapes'): verify_block(torch.rand(1, 2, 5), torch.rand(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), SpS())
     with pytest.raises(ValueError, match='max_len'): decode_static(StaticLlama(t, 8), ids, 10, graph=False)
+
+# --- every rule's claims, over the RULES registry ---------------------------------------------------------------------
+
+CLAIMS = ('keeps_q', 'keeps_q_if_p_is_q', 'in_q_support')
+
+def sparse_targets(n, V, seed=0):
+    "Draft laws p (n, V) with full support and target laws q (n, V) with zeros: a cut tail, a support of 2, one-hot rows"
+    p, q = rand_pair(n, V, seed=seed)
+    q = torch.where(q < 0.02, 0, q)
+    q[: n // 3] = torch.where(q[: n // 3] >= q[: n // 3].topk(2, -1).values[:, -1:], q[: n // 3], 0)   # support 2 < any k >= 3
+    q[n // 3: n // 2] = F.one_hot(q[n // 3: n // 2].argmax(-1), V).to(D)                              # temperature 0
+    return p, q / q.sum(-1, keepdim=True)
+
+def law_claim_holds(rule, claim, p, q):
+    "Whether `claim` holds on every row of (p, q), from the exact one-step law"
+    if claim == 'keeps_q': return torch.allclose(exact_output_law(p, q, rule), q, atol=1e-12)
+    if claim == 'keeps_q_if_p_is_q': return torch.allclose(exact_output_law(q, q, rule), q, atol=1e-12)
+    return bool((exact_output_law(p, q, rule)[q == 0] <= 1e-15).all())   # in_q_support
+
+@pytest.mark.parametrize('name', RULES)
+@pytest.mark.parametrize('claim', CLAIMS)
+def test_rule_claims_hold_or_have_a_counterexample(name, claim):
+    "A claim a rule makes holds on 600 random (p, q) pairs with zeros in q; a claim it denies fails on one of them"
+    p, q = sparse_targets(600, 12, seed=21)
+    for rule in rules_of(name):
+        assert law_claim_holds(rule, claim, p, q) == bool(getattr(rule, claim)), (rule, claim)
+
+def test_topk_never_accepts_a_token_the_target_rules_out():
+    "TopKAccept(5) against a target cut to top-k=2 (issue: 49 of 80 tokens had target probability 0): every token in q's support"
+    V, N = 16, 4000
+    tq, tp = markov_table(V, 5, support=8, sharpness=1.0).double(), markov_table(V, 6, support=8, sharpness=1.0).double()
+    out = speculative_generate(BigramLM(tq.log()), BigramLM(tp.log()), torch.full((N, 1), 3), TopKAccept(5), k=3, max_new_tokens=4,
+                               top_k=2, seed=0).sequences
+    allowed = warp_probs(tq.log(), 1.0, top_k=2) > 0                               # (V, V): the target's law after top_k=2
+    assert allowed[out[:, :-1], out[:, 1:]].all()
+
+# --- temperature 0 means the same in both loops -----------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', RULES)
+def test_temperature_zero_same_in_both_loops(name):
+    "greedy_exact rules give generate's greedy tokens in both loops; the others do not, and Interp(1) agrees token for token"
+    torch.manual_seed(3)
+    t = tiny_llama(vocab_size=64, num_key_value_heads=2).eval()
+    d = early_exit_draft(t, 1)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    ref = greedy_ref(t, ids, 20)
+    extra = [Interp(1.0)] if name == 'interp' else []
+    for rule in rules_of(name) + extra:
+        a = speculative_generate(t, d, ids, rule, k=3, max_new_tokens=20, temperature=0).sequences
+        b = spec_decode_static(StaticLlama(t, 40, 2), StaticLlama(d, 40, 2), ids, 20, rule, k=3, temperature=0, graph=False)[0].sequences
+        assert torch.equal(a, ref) == torch.equal(b, ref) == rule.greedy_exact, rule
+        if rule.greedy_exact or isinstance(rule, Interp) and rule.lam == 1: assert torch.equal(a, b), rule
+
+# --- non-finite numbers ---------------------------------------------------------------------------------------------
+
+def nan_bigram(V=8, bad_token=None, seed=0):
+    "A BigramLM whose logits are NaN after `bad_token` (everywhere if None)"
+    lg = markov_table(V, seed).log()
+    if bad_token is None: lg[:] = math.nan
+    else: lg[bad_token] = math.nan
+    return BigramLM(lg)
+
+def test_nan_draft_raises_naming_the_draft_and_step():
+    good, ids = BigramLM(markov_table(8, 1).log()), torch.full((3, 1), 2)
+    with pytest.raises(ValueError, match=r'draft model.*block 1, draft 1 of 3'):
+        speculative_generate(good, nan_bigram(), ids, k=3, max_new_tokens=6)
+    with pytest.raises(ValueError, match=r'target model.*block 1, verifying'):
+        speculative_generate(nan_bigram(), good, ids, k=3, max_new_tokens=6)
+    inf_lg = markov_table(8, 1).log(); inf_lg[:, 0] = math.inf
+    with pytest.raises(ValueError, match='target model'):
+        speculative_generate(BigramLM(inf_lg), good, ids, k=3, max_new_tokens=6, temperature=0)
+    all_minf = markov_table(8, 1).log(); all_minf[:] = -math.inf
+    with pytest.raises(ValueError, match='draft model'):
+        speculative_generate(good, BigramLM(all_minf), ids, k=3, max_new_tokens=6)
+
+def test_nan_logits_in_static_loops_raise():
+    torch.manual_seed(3)
+    t = tiny_llama(vocab_size=64, num_key_value_heads=2).eval()
+    bad = copy.deepcopy(t); bad.lm_head.weight.data[:] = math.nan
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    for T in (0.0, 1.0):
+        with pytest.raises(ValueError, match='draft model.*block 1'):
+            spec_decode_static(StaticLlama(t, 40), StaticLlama(early_exit_draft(bad, 1), 40), ids, 10, k=3, temperature=T, graph=False)
+        with pytest.raises(ValueError, match='target model.*block 1'):
+            spec_decode_static(StaticLlama(bad, 40), StaticLlama(early_exit_draft(t, 1), 40), ids, 10, k=3, temperature=T, graph=False)
+        with pytest.raises(ValueError, match='new token 1'): decode_static(StaticLlama(bad, 40), ids, 10, temperature=T, graph=False)
+
+@pytest.mark.parametrize('name', RULES)
+def test_nan_laws_are_refused_by_every_rule(name):
+    "NaN in p or q is an error in verify_block and exact_output_law, never accepted as 1 or sampled as token 0"
+    p, q = rand_pair(4, 6, seed=1)
+    pn, qn = p.clone(), q.clone(); pn[2] = math.nan; qn[1] = math.nan
+    x = torch.zeros(4, 2, dtype=torch.long)
+    for rule in rules_of(name):
+        with pytest.raises(ValueError, match=r'p \(the draft laws\)'): verify_block(pn[:, None].expand(4, 2, 6), q[:, None].expand(4, 3, 6), x, rule)
+        with pytest.raises(ValueError, match=r'q \(the target laws\)'): verify_block(p[:, None].expand(4, 2, 6), qn[:, None].expand(4, 3, 6), x, rule)
+        with pytest.raises(ValueError, match='is not a probability law'): exact_output_law(pn, q, rule)
+    assert SpS().accept_prob(pn, q, torch.zeros(4, dtype=torch.long))[2].isnan()   # NaN stays NaN, not accepted as 1
+
+# --- bad input, as the issue lists it ---------------------------------------------------------------------------------
+
+IDS = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(0))
+def _with(i, j, v): x = IDS.clone(); x[i, j] = v; return x
+BAD_CALLS = {   # the issue's bad inputs to speculative_generate: keyword arguments and the error they must raise
+    'empty batch': (dict(input_ids=IDS[:0]), 'input_ids has shape'),
+    'empty prompt': (dict(input_ids=IDS[:, :0]), 'input_ids has shape'),
+    'id >= vocab': (dict(input_ids=_with(1, 2, 64)), r'input_ids holds ids from 0 to 64.*\[0, 64\)'),
+    'id < 0': (dict(input_ids=_with(0, 1, -1)), r'input_ids holds ids from -1'),
+    'mask of the wrong length': (dict(attention_mask=torch.ones(2, 5, dtype=torch.long)), "attention_mask must have input_ids' shape"),
+    'mask row all zeros': (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])), r'attention_mask rows \[1\] are all zeros'),
+    'mask right-padded': (dict(attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])), 'left padding'),
+    'mask not 0/1': (dict(attention_mask=torch.full((2, 4), 2)), 'only 0'),
+    'k=True': (dict(k=True), 'k=True must be an integer'),
+    'max_new_tokens=True': (dict(max_new_tokens=True), 'max_new_tokens=True must be an integer'),
+    'temperature=inf': (dict(temperature=math.inf), 'temperature=inf must be a finite number'),
+    'rule: unknown name': (dict(rule='Cactus'), "rule='Cactus' is not a registered rule.*'sps', 'tas', 'cactus', 'interp', 'topk'"),
+    'rule: a class': (dict(rule=Cactus), 'rule=.*must be one of'),
+}
+
+@pytest.mark.parametrize('case', BAD_CALLS)
+def test_bad_input_names_the_argument(case):
+    t, d = tiny_pair()
+    kw, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match): speculative_generate(t, d, **dict(dict(input_ids=IDS, max_new_tokens=4), **kw))
+
+def test_rule_by_registry_name():
+    t, d = tiny_pair()
+    for name in RULES:
+        a = speculative_generate(t, d, IDS[:1], name, k=2, max_new_tokens=6, seed=4).sequences
+        assert torch.equal(a, speculative_generate(t, d, IDS[:1], RULES[name](), k=2, max_new_tokens=6, seed=4).sequences)
+        assert type(get_rule(name)) is RULES[name]
+
+def test_draft_narrower_than_its_config():
+    "A draft whose config states the target's vocabulary but whose output layer is narrower"
+    t, _ = tiny_pair()
+    d = tiny_llama(vocab_size=60, num_hidden_layers=1).eval(); d.config.vocab_size = 64
+    ids = torch.randint(0, 60, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match='draft model returns logits of width 60.*vocab_size=64'): speculative_generate(t, d, ids)
+    with pytest.raises(ValueError, match='60 rows.*vocab_size=64'): StaticLlama(d, 16)
+    t2, d2 = tiny_pair(); t2.config.vocab_size = d2.config.vocab_size = 60   # both configs understate a 64-wide output
+    with pytest.raises(ValueError, match='draft model returns logits of width 64.*vocab_size=60'): speculative_generate(t2, d2, ids)
+
+def test_static_loops_bad_input():
+    torch.manual_seed(3)
+    t = tiny_llama(vocab_size=64, num_key_value_heads=2).eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    mk = lambda: (StaticLlama(t, 40), StaticLlama(early_exit_draft(t, 1), 40))
+    with pytest.raises(ValueError, match='k=True'): spec_decode_static(*mk(), ids, 10, k=True, graph=False)
+    with pytest.raises(ValueError, match='max_new_tokens=True'): spec_decode_static(*mk(), ids, True, graph=False)
+    with pytest.raises(ValueError, match='input_ids holds ids'): spec_decode_static(*mk(), ids + 64, 10, graph=False)
+    with pytest.raises(ValueError, match='input_ids has shape'): decode_static(mk()[0], ids[:, :0], 10, graph=False)
+    with pytest.raises(ValueError, match='temperature'): decode_static(mk()[0], ids, 10, temperature=math.inf, graph=False)
+    with pytest.raises(ValueError, match="rule='x'"): spec_decode_static(*mk(), ids, 10, 'x', graph=False)

@@ -7,15 +7,19 @@ Docs: https://llmlit.github.io/llmlit/memorization.html.md"""
 # %% auto #0
 __all__ = ['fact_bits', 'binary_entropy', 'fano_bits', 'capacity_limit_accuracy', 'max_memorized_facts', 'evaluate_facts',
            'memorized_bits', 'generate_values', 'LossBand', 'RandomSubset', 'example_losses', 'FactStream',
-           'select_by_loss', 'keep_fraction_for', 'estimate_capacity']
+           'select_by_loss', 'keep_fraction_for', 'estimate_capacity', 'value_labels', 'exposure_steps', 'find_plateau',
+           'capacity_curve']
 
 # %% ../nbs/10_memorization.ipynb #50b30828
-import contextlib, math, warnings
+import contextlib, math, multiprocessing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .models import model_device
+from .adapters import config_params
+from .core import get_device, seed_everything
+from .models import count_params, model_device
+from .train import TrainConfig, train_causal_lm
 
 # %% ../nbs/10_memorization.ipynb #e6dfa175
 def fact_bits(n_values, n_slots=1):
@@ -334,3 +338,91 @@ def estimate_capacity(train_fn, # train_fn(n) -> dict with `n_correct` and `acc`
     K = runs[best]['n_correct']
     return dict(bits=K*bits_per_fact, facts=K, n_best=best, runs={k: runs[k] for k in ns},
                 found_below=found_below, passed_peak=passed_peak)
+
+# %% ../nbs/10_memorization.ipynb #a979d88d
+def value_labels(facts):
+    "`facts` with labels on the value tokens only (-100 elsewhere): the loss, and so the capacity, goes to the values"
+    ids, vm = _tensor(facts, 'input_ids'), _tensor(facts, 'value_mask').bool()
+    keep = [c for c in facts.column_names if c != 'labels']
+    return facts.select_columns(keep).add_column('labels', torch.where(vm, ids, -100).tolist())
+
+def exposure_steps(n_facts, exposures, batch_size):
+    "Optimizer steps that show each of `n_facts` facts exactly `exposures` times in batches of `batch_size`"
+    for k, v in (('n_facts', n_facts), ('exposures', exposures), ('batch_size', batch_size)):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{k}={v!r} must be an integer >= 1")
+    if (n_facts*exposures) % batch_size:
+        raise ValueError(f"n_facts*exposures={n_facts*exposures} is not a multiple of batch_size={batch_size}, so facts would "
+                         f"be seen unequally; use n_facts a multiple of {batch_size//math.gcd(exposures, batch_size)}")
+    return n_facts*exposures // batch_size
+
+# %% ../nbs/10_memorization.ipynb #2d2e549f
+def find_plateau(n_facts, # the grid of N
+                 bits, # bits stored at each N
+                 tol=0.1): # share of the maximum within which a point is on the plateau
+    "The plateau of bits(N): its height (the max), the first N within `tol` of it, how many larger N stay within, visible if >= 2"
+    if not 0 < tol < 1: raise ValueError(f"tol={tol} must lie in (0, 1)")
+    n, b = np.asarray(n_facts, dtype=float), np.asarray(bits, dtype=float)
+    if n.shape != b.shape or n.ndim != 1 or len(n) == 0:
+        raise ValueError(f"n_facts and bits must be 1-D of the same length, got {n.shape} and {b.shape}")
+    o = np.argsort(n); n, b = n[o], b[o]
+    near = b >= (1 - tol)*b.max()
+    i = int(np.argmax(near))
+    past = int(near[i+1:].sum())
+    return dict(bits=float(b.max()), n_start=int(n[i]), n_past=past, visible=past >= 2)
+
+# %% ../nbs/10_memorization.ipynb #0637ceba
+_FORKED = None   # the function forked workers call: inherited by fork, never pickled
+
+def _call_forked(x): return _FORKED(x)
+
+def _map(fn, items, n_jobs=1):
+    "`fn` over `items`, in order; in `n_jobs` forked processes of one torch thread each when n_jobs > 1"
+    if n_jobs == 1 or len(items) < 2: return [fn(x) for x in items]
+    global _FORKED
+    _FORKED = fn
+    with multiprocessing.get_context('fork').Pool(min(n_jobs, len(items)), torch.set_num_threads, (1,)) as pool:
+        return pool.map(_call_forked, items, chunksize=1)
+
+def capacity_curve(model_factory, # () -> a fresh causal LM over the facts' vocabulary (seeded before each call)
+                   facts, # tokenized facts, one row per fact (`value_labels` for a value-only loss); N uses the first N
+                   n_facts_grid, # the numbers of facts N, each trained from scratch
+                   exposures, # E: times every fact is seen
+                   bits_per_fact, # H
+                   value_ids, # token ids of the value alphabet, for the loss-based count
+                   batch_size=128, lr=1e-2, weight_decay=0.1,
+                   warmup_frac=0.05, # share of each run's steps in linear warmup (then cosine to 0.1 lr)
+                   device='cpu', precision='auto', seed=0,
+                   tol=0.1, # plateau tolerance, as in `find_plateau`
+                   n_jobs=1): # CPU processes running grid points at once (forked); 1: in this process
+    "Bits stored against N at E exposures per fact (loss-based and exact-match), the plateau, and bits per parameter"
+    grid = sorted({int(n) for n in n_facts_grid})
+    if not grid or grid[0] < 1 or grid[-1] > len(facts):
+        raise ValueError(f"n_facts_grid={list(n_facts_grid)} must hold numbers in [1, {len(facts)}] (the facts given)")
+    for n in grid: exposure_steps(n, exposures, batch_size)
+    if not (isinstance(n_jobs, int) and n_jobs >= 1): raise ValueError(f"n_jobs={n_jobs!r} must be an integer >= 1")
+    if n_jobs > 1 and device != 'cpu': raise ValueError(f"n_jobs={n_jobs} forks CPU processes; use n_jobs=1 on device={device!r}")
+    T = len(facts[0]['input_ids'])
+    def point(n):
+        data, steps = facts.select(range(n)), exposure_steps(n, exposures, batch_size)
+        seed_everything(seed)
+        model = model_factory()
+        stream = FactStream(data, steps, seed=seed, device=get_device(device))
+        tc = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=T, warmup=round(warmup_frac*steps),
+                         weight_decay=weight_decay, precision=precision, device=device, seed=seed, log_every=max(1, steps//20))
+        res = train_causal_lm(model, stream, tc)
+        ev = evaluate_facts(res.model, data, bits_per_fact, value_ids)
+        seen = stream.exposures(np.arange(n), n)
+        return dict(n=n, steps=steps, n_correct=ev['n_correct'], acc=ev['acc'], bits_loss=ev['bits'],
+                    bits_em=ev['n_correct']*bits_per_fact, exposures_min=int(seen.min()), exposures_max=int(seen.max()),
+                    wall_s=res.wall_s, tokens=res.tokens, params=count_params(res.model),
+                    params_non_embedding=config_params(res.model.config, embeddings=False),
+                    loss_curve=[[h['step'], h['loss']] for h in res.history])
+    runs = _map(point, grid[::-1], n_jobs)[::-1]   # largest first, so that the processes finish together
+    P, P_ne = runs[0]['params'], runs[0]['params_non_embedding']
+    plat = find_plateau(grid, [r['bits_loss'] for r in runs], tol)
+    em = max(r['bits_em'] for r in runs)
+    return dict(runs=runs, exposures=exposures, params=P, params_non_embedding=P_ne, plateau=plat,
+                capacity_bits=plat['bits'], capacity_bits_em=em, bits_per_param=plat['bits']/P,
+                bits_per_param_non_embedding=plat['bits']/P_ne, bits_per_param_em=em/P,
+                tokens_per_s=sum(r['tokens'] for r in runs)/sum(r['wall_s'] for r in runs))

@@ -7,7 +7,8 @@ from datasets import Dataset
 from scipy import optimize
 from llmlit.adapters import tiny_lm_for
 from llmlit.data import BIOS_SIZES, DIGITS, make_phonebook, phonebook_tokenizer, sample_facts, tokenize_facts, zipf_probs
-from llmlit.memorization import (FactStream, LossBand, RandomSubset, capacity_limit_accuracy, estimate_capacity,
+from llmlit.memorization import (FactStream, LossBand, RandomSubset, capacity_curve, capacity_limit_accuracy, estimate_capacity,
+                                 exposure_steps, find_plateau, value_labels,
                                  evaluate_facts, example_losses, fact_bits, fano_bits, generate_values,
                                  keep_fraction_for, select_by_loss)
 from llmlit.train import TrainConfig, train_causal_lm
@@ -217,3 +218,70 @@ def test_bad_other_fractions():
     with pytest.raises(ValueError, match='drop_low_quantile'): LossBand(drop_low_quantile=1.0)
     with pytest.raises(ValueError, match='replay_fraction'): LossBand(replay_fraction=-0.1)
     with pytest.raises(ValueError, match='warmup_frac'): LossBand(warmup_frac=1.0)
+
+
+# Capacity in bits per parameter (issue 15)
+
+
+@pytest.fixture(scope='module')
+def cap_book():
+    "A 4-digit phone book with value-only labels, its tokenizer and digit ids"
+    pb = make_phonebook(256, n_digits=4, seed=3); tok = phonebook_tokenizer(pb)
+    return tok, value_labels(tokenize_facts(pb, tok, n_templates=1)), tok.convert_tokens_to_ids(list(DIGITS))
+
+
+def _factory(tok, facts, width):
+    return lambda: tiny_lm_for(tok, seq_len=len(facts[0]['input_ids']), hidden_size=width, intermediate_size=4*width,
+                               num_attention_heads=2, num_key_value_heads=2, initializer_range=0.1)
+
+
+def test_capacity_monotone_in_model_size(cap_book):
+    "At a fixed N past the small model's reach, the wider model stores more bits (both counts)"
+    tok, facts, dig = cap_book
+    out = {w: capacity_curve(_factory(tok, facts, w), facts, [192], 40, fact_bits(10**4), dig, batch_size=32, lr=3e-2)
+           for w in (8, 32)}
+    small, big = out[8]['runs'][0], out[32]['runs'][0]
+    assert out[32]['params'] > out[8]['params']
+    assert big['bits_loss'] > small['bits_loss'] and big['bits_em'] >= small['bits_em'], (small, big)
+    for r in (small, big): assert r['exposures_min'] == r['exposures_max'] == 40
+
+
+def test_capacity_same_seed_same_curve(cap_book):
+    "Same seed: the same loss curves and bits on the CPU; another seed: another curve"
+    tok, facts, dig = cap_book
+    run = lambda seed: capacity_curve(_factory(tok, facts, 16), facts, [32, 64], 8, fact_bits(10**4), dig,
+                                      batch_size=32, seed=seed)['runs']
+    a, b, c = run(0), run(0), run(1)
+    assert [r['loss_curve'] for r in a] == [r['loss_curve'] for r in b]
+    assert [r['bits_loss'] for r in a] == [r['bits_loss'] for r in b]
+    assert [r['loss_curve'] for r in a] != [r['loss_curve'] for r in c]
+
+
+def test_find_plateau_ignores_grid_order():
+    rng = np.random.default_rng(0)
+    n = np.array([50, 100, 200, 400, 800, 1600]); b = np.minimum(n, 380)*10.0 + rng.normal(0, 5, len(n))
+    ref = find_plateau(n, b)
+    for _ in range(5):
+        p = rng.permutation(len(n))
+        assert find_plateau(n[p], b[p]) == ref
+    assert ref['n_start'] == 400 and ref['visible']
+
+
+def test_value_labels_train_on_values_only(cap_book):
+    "With value-only labels the training loss is the mean value-token cross-entropy that evaluate_facts counts"
+    tok, facts, dig = cap_book
+    m = _factory(tok, facts, 16)()
+    x, y = torch.tensor(facts['input_ids'][:8]), torch.tensor(facts['labels'][:8])
+    loss = m(input_ids=x, labels=y).loss.item()
+    ev = evaluate_facts(m, facts.select(range(8)))                   # full-vocabulary cross-entropy, bits per fact
+    assert loss == pytest.approx(ev['ce_bits']*math.log(2)/4, rel=1e-4)
+
+
+def test_capacity_bad_input(cap_book):
+    tok, facts, dig = cap_book
+    f = _factory(tok, facts, 8)
+    with pytest.raises(ValueError, match='batch_size=32'): capacity_curve(f, facts, [33], 4, 13.0, dig, batch_size=32)
+    with pytest.raises(ValueError, match=r'n_facts_grid=\[999\]'): capacity_curve(f, facts, [999], 4, 13.0, dig)
+    with pytest.raises(ValueError, match='n_jobs=2'): capacity_curve(f, facts, [32], 4, 13.0, dig, batch_size=32, n_jobs=2, device='cuda')
+    with pytest.raises(ValueError, match='exposures=1.5'): exposure_steps(10, 1.5, 5)
+    with pytest.raises(ValueError, match='tol=1'): find_plateau([1, 2], [1, 2], tol=1)

@@ -8,15 +8,18 @@ Docs: https://llmlit.github.io/llmlit/specdec.html.md"""
 __all__ = ['RULES', 'GeneralSpS', 'SpS', 'binary_kl', 'cactus_gamma', 'cactus_target', 'Cactus', 'TypicalAcceptance', 'Interp',
            'TopKAccept', 'get_rule', 'warp_probs', 'sample_from', 'verify_block', 'exact_output_law', 'kl_div',
            'accept_rate', 'check_pair', 'SpecOutput', 'speculative_generate', 'expected_tokens_per_call',
-           'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'BigramLM',
-           'markov_table', 'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']
+           'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'ExitAdapter',
+           'fit_exit_adapter', 'exit_agreement', 'save_exit_adapter', 'load_exit_adapter', 'BigramLM', 'markov_table',
+           'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']
 
 # %% ../nbs/30_specdec.ipynb #953ee063
-import copy, inspect, math, time
+import copy, inspect, json, math, time
 from dataclasses import dataclass, field
+from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .core import preset_config
@@ -398,8 +401,9 @@ def acceptance_stats(out):
 
 # %% ../nbs/30_specdec.ipynb #755a06f0
 def early_exit_draft(model, # a Hugging Face decoder-only LM with `.model.layers` (Llama, Qwen2, Mistral, ...)
-                     n_layers): # layers kept, 1 <= n_layers <= the model's depth
-    "A self-draft: the first `n_layers` of `model` plus its final norm and LM head, sharing every weight"
+                     n_layers, # layers kept, 1 <= n_layers <= the model's depth
+                     adapter=None): # an `ExitAdapter` fitted for this depth, or the path `save_exit_adapter` wrote
+    "A self-draft: the first `n_layers` of `model` plus its final norm (and `adapter`) and LM head, sharing every weight"
     layers = getattr(getattr(model, 'model', None), 'layers', None)
     if layers is None: raise ValueError(f"early_exit_draft needs a decoder with .model.layers; got {type(model).__name__}")
     if not (isinstance(n_layers, int) and 1 <= n_layers <= len(layers)):
@@ -410,7 +414,7 @@ def early_exit_draft(model, # a Hugging Face decoder-only LM with `.model.layers
     inner.layers, inner.config = nn.ModuleList(list(layers[:n_layers])), cfg
     view = copy.copy(model); view._modules = dict(view._modules)
     view.model, view.config = inner, cfg
-    return view
+    return view if adapter is None else _attach_adapter(view, adapter)
 
 # %% ../nbs/30_specdec.ipynb #57e41a9d
 class StaticLlama(nn.Module):
@@ -569,3 +573,131 @@ def spec_decode_static(tdec, # StaticLlama of the target, max_len >= prompt + ma
     _sync(dev)
     wall = time.perf_counter() - t0
     return SpecOutput(seq[:, :T0 + max_new_tokens], acc, k * calls, [], wall, rows, max_new_tokens, calls), wall
+
+# %% ../nbs/30_specdec.ipynb #8d944ecf
+class ExitAdapter(nn.Module):
+    "A fitted exit: z -> z + z W + b on the final-normed layer-L state, optionally with a head over a subset of the vocabulary"
+    def __init__(self, hidden_size, # width of the model's hidden state
+                 n_layers, # the exit depth this adapter was fitted for
+                 vocab=None): # long tensor of token ids the draft may propose; None: the whole vocabulary
+        super().__init__()
+        self.n_layers = n_layers
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.proj.weight); nn.init.zeros_(self.proj.bias)   # at init the exit is the untrained one, exactly
+        self.register_buffer('vocab', None if vocab is None else torch.as_tensor(vocab, dtype=torch.long))
+    def forward(self, z): return z + self.proj(z)   # (..., d) -> (..., d)
+
+class _ExitNorm(nn.Module):
+    "The model's final norm followed by an exit adapter"
+    def __init__(self, norm, adapter): super().__init__(); self.norm, self.adapter = norm, adapter
+    def forward(self, x): return self.adapter(self.norm(x))
+
+class _SubsetHead(nn.Module):
+    "An LM head computing only the rows in `vocab`; other logits are -inf, so the output keeps the full width"
+    def __init__(self, head, vocab):
+        super().__init__()
+        self.weight = head.weight   # the shared full matrix: its row count is the logit width
+        self.register_buffer('rows', head.weight.detach()[vocab].clone(), persistent=False)   # (V', d)
+        self.register_buffer('vocab', vocab, persistent=False)
+    def forward(self, z):   # (..., d) -> (..., V)
+        out = z.new_full((*z.shape[:-1], self.weight.shape[0]), -math.inf)
+        out[..., self.vocab] = z @ self.rows.T
+        return out
+
+def _attach_adapter(view, adapter):
+    "Put a fitted `adapter` (module or saved path) on an early-exit view in place"
+    if not isinstance(adapter, ExitAdapter): adapter = load_exit_adapter(adapter)
+    L = len(view.model.layers)
+    if adapter.n_layers != L: raise ValueError(f"adapter was fitted for n_layers={adapter.n_layers}, the draft has {L}")
+    adapter = adapter.to(next(view.parameters()))
+    view.model.norm = _ExitNorm(view.model.norm, adapter)
+    if adapter.vocab is not None: view.lm_head = _SubsetHead(view.lm_head, adapter.vocab)
+    return view
+
+
+# %% ../nbs/30_specdec.ipynb #ed89be11
+def _normed_states(model, input_ids, layers, batch_rows, labels):
+    "Yield (final-normed states {L: (n, d)} for each exit, final normed state (n, d), full-model argmax (n,) or None) per chunk of rows"
+    m = model.model
+    for i in range(0, len(input_ids), batch_rows):
+        hs = m(input_ids[i:i + batch_rows], output_hidden_states=True).hidden_states   # hs[L]: after layer L; hs[-1]: normed
+        y = hs[-1].flatten(0, 1)
+        yield {L: m.norm(hs[L]).flatten(0, 1) for L in layers}, y, model.lm_head(y).argmax(-1) if labels else None
+
+@torch.no_grad()
+def fit_exit_adapter(model, # a decoder with `.model.layers`, `.model.norm` and `.lm_head` (Llama, Qwen2, Mistral, ...)
+                     layers, # an exit depth, or a list of them (one pass over the text fits them all)
+                     input_ids, # (B, T) token ids of text to distil on; the full model's own states are the targets
+                     lam=1.0, # ridge penalty on W (the bias is not penalised)
+                     vocab_size=None, # keep only this many of the full model's most frequent argmax tokens in the draft's head
+                     batch_rows=4): # rows per forward pass
+    "Closed-form ridge fit of z + zW + b (z: final-normed layer-L state) to the full model's final state; an ExitAdapter or {L: ExitAdapter}"
+    n_all = len(model.model.layers)
+    single = isinstance(layers, int) and not isinstance(layers, bool)
+    Ls = [layers] if single else list(layers) if isinstance(layers, (list, tuple)) else []
+    if not Ls or not all(isinstance(L, int) and not isinstance(L, bool) and 1 <= L < n_all for L in Ls):
+        raise ValueError(f"layers={layers!r} must be an integer or a list of integers in [1, {n_all - 1}]")
+    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.numel() > 0):
+        raise ValueError(f"input_ids must be a non-empty (B, T) tensor; got {getattr(input_ids, 'shape', type(input_ids))}")
+    if vocab_size is not None and not (isinstance(vocab_size, int) and 1 <= vocab_size <= model.config.vocab_size):
+        raise ValueError(f"vocab_size={vocab_size!r} must be None or an integer in [1, {model.config.vocab_size}]")
+    d = model.config.hidden_size
+    A = {L: torch.zeros(d + 1, d + 1, dtype=torch.float64) for L in Ls}; C = {L: torch.zeros(d + 1, d, dtype=torch.float64) for L in Ls}
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
+    for zs, y, lab in _normed_states(model, input_ids.to(model_device(model)), Ls, batch_rows, vocab_size is not None):
+        for L, z in zs.items():
+            x = torch.cat([z, torch.ones_like(z[:, :1])], 1).double().cpu()   # (n, d + 1)
+            A[L] += x.T @ x; C[L] += x.T @ (y - z).double().cpu()
+        if lab is not None: counts += torch.bincount(lab.cpu(), minlength=len(counts))
+    vocab = None if vocab_size is None else counts.topk(vocab_size).indices.sort().values
+    out = {}
+    for L in Ls:
+        reg = lam * torch.eye(d + 1, dtype=torch.float64); reg[d, d] = 0
+        B = torch.linalg.solve(A[L] + reg, C[L])                              # (d + 1, d)
+        a = ExitAdapter(d, L, vocab).to(next(model.parameters()))
+        a.proj.weight.copy_(B[:d].T); a.proj.bias.copy_(B[d])
+        out[L] = a
+    return out[Ls[0]] if single else out
+
+@torch.no_grad()
+def exit_agreement(model, # the full model
+                   draft, # a draft over the same vocabulary, e.g. `early_exit_draft(model, L, adapter=...)`
+                   input_ids, # (B, T) text
+                   full_argmax=None, # (B, T) the full model's argmax on `input_ids`, if already computed
+                   batch_rows=4):
+    "Teacher-forced top-1 agreement: the share of positions where the draft's argmax equals the full model's"
+    hits = 0
+    for i in range(0, len(input_ids), batch_rows):
+        x = input_ids[i:i + batch_rows].to(model_device(model))
+        y = model(x).logits.argmax(-1) if full_argmax is None else full_argmax[i:i + batch_rows].to(x.device)
+        hits += (draft(x).logits.argmax(-1) == y).sum().item()
+    return hits / input_ids.numel()
+
+
+# %% ../nbs/30_specdec.ipynb #144b5d5f
+def save_exit_adapter(adapter, # an ExitAdapter from `fit_exit_adapter`
+                      path, # file stem: writes path.safetensors (tensors) and path.json (settings); e.g. beside the model
+                      **info): # extra JSON-able facts to record (fit tokens, agreement, ...)
+    "Save `adapter` as safetensors + JSON (no pickle); returns the .safetensors path"
+    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    ts = {'weight': adapter.proj.weight, 'bias': adapter.proj.bias}
+    if adapter.vocab is not None: ts['vocab'] = adapter.vocab
+    save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous() for k, v in ts.items()},
+              str(p.with_suffix('.safetensors')))
+    p.with_suffix('.json').write_text(json.dumps(dict(kind='exit_adapter', n_layers=adapter.n_layers,
+                                                       hidden_size=adapter.proj.in_features, **info), indent=1))
+    return p.with_suffix('.safetensors')
+
+def load_exit_adapter(path): # the stem (or either file) written by `save_exit_adapter`
+    "An ExitAdapter from its safetensors + JSON pair"
+    p = Path(path)
+    if p.suffix in ('.json', '.safetensors'): p = p.with_suffix('')
+    js, st = Path(f'{p}.json'), Path(f'{p}.safetensors')
+    if not (js.exists() and st.exists()): raise ValueError(f"adapter={str(path)!r}: expected {js.name} and {st.name} from save_exit_adapter")
+    meta = json.loads(js.read_text())
+    if meta.get('kind') != 'exit_adapter': raise ValueError(f"{js} is not an exit adapter (kind={meta.get('kind')!r})")
+    ts = load_file(str(st))
+    a = ExitAdapter(meta['hidden_size'], meta['n_layers'], ts.get('vocab'))
+    with torch.no_grad(): a.proj.weight.copy_(ts['weight']); a.proj.bias.copy_(ts['bias'])
+    return a
+

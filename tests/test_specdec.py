@@ -9,7 +9,8 @@ from llmlit.data import BigramLM, markov_table
 from llmlit.models import tiny_llama, word_tokenizer
 from llmlit.specdec import (RULES, SpS, Cactus, TypicalAcceptance, Interp, TopKAccept, get_rule, cactus_gamma, cactus_target, verify_block, exact_output_law,
                             kl_div, accept_rate, warp_probs, sample_from, speculative_generate, acceptance_stats,
-                            expected_tokens_per_call, early_exit_draft, StaticLlama, decode_static, spec_decode_static)
+                            expected_tokens_per_call, early_exit_draft, StaticLlama, decode_static, spec_decode_static,
+                            ExitAdapter, fit_exit_adapter, exit_agreement, save_exit_adapter, load_exit_adapter)
 
 D = torch.float64
 ALPHA = 1e-3   # significance of every chi-square test below
@@ -452,3 +453,68 @@ def test_static_loops_bad_input():
     with pytest.raises(ValueError, match='input_ids has shape'): decode_static(mk()[0], ids[:, :0], 10, graph=False)
     with pytest.raises(ValueError, match='temperature'): decode_static(mk()[0], ids, 10, temperature=math.inf, graph=False)
     with pytest.raises(ValueError, match="rule='x'"): spec_decode_static(*mk(), ids, 10, 'x', graph=False)
+
+# --- fitted exit adapters --------------------------------------------------------------------------------------------
+
+def deep_tiny(seed=0):
+    torch.manual_seed(seed)
+    return tiny_llama(vocab_size=64, num_hidden_layers=4, num_key_value_heads=2).eval()
+
+@torch.no_grad()
+def final_state_mse(model, draft, ids):
+    "Mean squared distance between the draft's and the full model's final states (what the head reads)"
+    return (model.model(ids).last_hidden_state - draft.model(ids).last_hidden_state).pow(2).mean().item()   # both after the (exit) norm
+
+def test_fit_lowers_held_out_error_at_every_depth():
+    m = deep_tiny()
+    g = torch.Generator().manual_seed(1)
+    fit_ids, held = torch.randint(0, 64, (48, 20), generator=g), torch.randint(0, 64, (8, 20), generator=g)
+    ads = fit_exit_adapter(m, [1, 2, 3], fit_ids, lam=1e-2)
+    assert sorted(ads) == [1, 2, 3] and all(a.n_layers == L and a.vocab is None for L, a in ads.items())
+    for L, a in ads.items():
+        raw, fit = early_exit_draft(m, L), early_exit_draft(m, L, adapter=a)
+        assert final_state_mse(m, fit, held) < final_state_mse(m, raw, held)
+        assert exit_agreement(m, fit, held) >= exit_agreement(m, raw, held)
+    assert isinstance(fit_exit_adapter(m, 2, fit_ids), ExitAdapter)
+
+def test_huge_ridge_penalty_leaves_only_the_bias():
+    m = deep_tiny()
+    a = fit_exit_adapter(m, 1, torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(2)), lam=1e12)
+    assert a.proj.weight.abs().max() < 1e-6 and a.proj.bias.abs().max() > 0
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_subset_head_draft_keeps_greedy_output(k):
+    m = deep_tiny(3)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(k))
+    a = fit_exit_adapter(m, 2, torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(4)), vocab_size=8)
+    assert a.vocab.shape == (8,) and torch.equal(a.vocab, a.vocab.sort().values)
+    d = early_exit_draft(m, 2, adapter=a)
+    ref = decode_static(StaticLlama(m, 40), ids, 16, graph=False)[0]   # plain greedy (generate's min_new_tokens would bar token 2, EOS)
+    assert torch.equal(speculative_generate(m, d, ids, SpS(), k=k, max_new_tokens=16, temperature=0).sequences, ref)
+    assert torch.equal(spec_decode_static(StaticLlama(m, 40), StaticLlama(d, 40), ids, 16, k=k, graph=False)[0].sequences, ref)
+    with torch.no_grad(): drafted = d(ids).logits.argmax(-1)
+    assert torch.isin(drafted, a.vocab).all()                     # the draft only proposes kept tokens
+
+def test_save_load_round_trip_by_any_of_its_names(tmp_path):
+    m = deep_tiny()
+    a = fit_exit_adapter(m, 3, torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(5)))
+    st = save_exit_adapter(a, tmp_path/'sub'/'exit-L3')
+    assert sorted(p.name for p in (tmp_path/'sub').iterdir()) == ['exit-L3.json', 'exit-L3.safetensors']
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        ref = early_exit_draft(m, 3, adapter=a)(ids).logits
+        for p in (st, st.with_suffix('.json'), str(st.with_suffix(''))):
+            b = load_exit_adapter(p)
+            assert b.n_layers == 3 and b.vocab is None
+            assert torch.equal(early_exit_draft(m, 3, adapter=p)(ids).logits, ref)
+
+def test_exit_adapter_bad_input(tmp_path):
+    m = deep_tiny()
+    ids = torch.randint(0, 64, (2, 8))
+    for layers in (0, 4, True, [], [1, 5]):
+        with pytest.raises(ValueError, match='layers='): fit_exit_adapter(m, layers, ids)
+    with pytest.raises(ValueError, match='input_ids'): fit_exit_adapter(m, 1, ids[0])
+    with pytest.raises(ValueError, match='vocab_size'): fit_exit_adapter(m, 1, ids, vocab_size=65)
+    (tmp_path/'x.json').write_text('{"kind": "lora"}'); (tmp_path/'x.safetensors').write_bytes(b'')
+    with pytest.raises(ValueError, match='not an exit adapter'): load_exit_adapter(tmp_path/'x')
+    with pytest.raises(ValueError, match='fitted for n_layers=2'): early_exit_draft(m, 1, adapter=ExitAdapter(64, 2))

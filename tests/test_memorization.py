@@ -6,9 +6,9 @@ import torch
 from datasets import Dataset
 from scipy import optimize
 from llmlit.adapters import tiny_lm_for
-from llmlit.data import BIOS_SIZES, DIGITS, make_phonebook, phonebook_tokenizer, sample_facts, tokenize_facts, zipf_probs
+from llmlit.data import BIOS_SIZES, DIGITS, fact_tokenizer, make_bios, make_phonebook, phonebook_tokenizer, sample_facts, tokenize_facts, zipf_probs
 from llmlit.memorization import (FactStream, LossBand, RandomSubset, capacity_curve, capacity_limit_accuracy, estimate_capacity,
-                                 exposure_steps, find_plateau, value_labels,
+                                 exposure_steps, find_plateau, value_labels, tokenize_bios, BIOS_VALUES,
                                  evaluate_facts, example_losses, fact_bits, fano_bits, generate_values,
                                  keep_fraction_for, select_by_loss)
 from llmlit.train import TrainConfig, train_causal_lm
@@ -285,3 +285,16 @@ def test_capacity_bad_input(cap_book):
     with pytest.raises(ValueError, match='n_jobs=2'): capacity_curve(f, facts, [32], 4, 13.0, dig, batch_size=32, n_jobs=2, device='cuda')
     with pytest.raises(ValueError, match='exposures=1.5'): exposure_steps(10, 1.5, 5)
     with pytest.raises(ValueError, match='tol=1'): find_plateau([1, 2], [1, 2], tol=1)
+
+
+@pytest.mark.parametrize('seed', [0, 5])
+def test_tokenize_bios_masks_exactly_the_attributes(seed):
+    "Every biography: the masked tokens spell its five attributes and nothing else; the rest of the text is kept unmasked"
+    bios = make_bios(200, seed=seed); tok = fact_tokenizer(bios['text']); tb = tokenize_bios(bios, tok)
+    ids, m = np.asarray(tb['input_ids'][:]), np.asarray(tb['value_mask'][:]) == 1
+    for j, row in enumerate(bios):
+        assert tok.decode(ids[j][m[j]]).replace(' ', '') == ''.join(row[k] for k in BIOS_VALUES).replace(' ', '')
+        kept = ids[j][(ids[j] != tok.pad_token_id)][1:-1]      # text tokens between <bos> and <eos>
+        assert tok.decode(kept).replace(' ', '') == row['text'].replace(' ', '')
+    lab = np.asarray(value_labels(tb)['labels'][:])
+    assert (lab[m] == ids[m]).all() and (lab[~m] == -100).all()

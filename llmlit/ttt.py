@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .train import decoder_layers, train_causal_lm
+from .train import decoder_layers, train_causal_lm, _is_int, _is_num
 
 # %% ../nbs/20_ttt.ipynb #dc6bff6b
 CONV_MODES, TARGETS, IMPLS = ('centered', 'next_only'), ('mlp_input', 'embeddings'), ('parallel', 'scan')
@@ -51,8 +51,6 @@ class InPlaceTTTConfig:
         _need('clip_tau', self.clip_tau, self.clip_tau is None or (_is_num(self.clip_tau) and self.clip_tau > 0), 'None or a number > 0')
         _need('impl', self.impl, self.impl in IMPLS, f'one of {list(IMPLS)}')
 
-def _is_int(x): return isinstance(x, int) and not isinstance(x, bool)
-def _is_num(x): return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 def _need(name, value, ok, accepted):
     "Raise a ValueError naming the setting, its value and what is accepted, unless `ok`"

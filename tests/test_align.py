@@ -16,9 +16,15 @@ def _pair_models():
     torch.manual_seed(1); ref = tiny_lm_for(tok)
     return tok, pol.eval(), ref.eval()
 
-def _trl_batch(trainer):
-    "TRL's own first training batch"
-    return next(iter(trainer.get_train_dataloader()))
+def _trl_batch(kind, pol, ref, tok, ds, tmp_path):
+    "A TRL 1.16 trainer of `kind` ('DPO' or 'KTO', beta 0.1, fp32 on the CPU) and its own first training batch"
+    trl = pytest.importorskip('trl')
+    args = getattr(trl, f'{kind}Config')(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], beta=0.1,
+                                         use_cpu=True, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        tr = getattr(trl, f'{kind}Trainer')(model=pol, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    return tr, next(iter(tr.get_train_dataloader()))
 
 def test_trl_version_is_the_one_compared():
     trl = pytest.importorskip('trl')
@@ -26,15 +32,10 @@ def test_trl_version_is_the_one_compared():
 
 def test_dpo_matches_trl_dpotrainer(tmp_path):
     "trl 1.16 DPOTrainer.compute_loss on one batch = sequence_logprobs + dpo_loss (fp32, 1e-5)"
-    trl = pytest.importorskip('trl')
     from datasets import Dataset
     tok, pol, ref = _pair_models()
     ds = Dataset.from_dict(dict(prompt=PROMPTS, chosen=[' c d', ' e', ' a b c', ' d'], rejected=[' e f g', ' h h', ' b', ' c c']))  # TRL joins prompt and completion without a space
-    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], beta=0.1, use_cpu=True, bf16=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        tr = trl.DPOTrainer(model=pol, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    b = _trl_batch(tr)
+    tr, b = _trl_batch('DPO', pol, ref, tok, ds, tmp_path)
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, b).item()
         cols = (b['input_ids'], b['attention_mask'], b['completion_mask'])
@@ -46,18 +47,13 @@ def test_dpo_matches_trl_dpotrainer(tmp_path):
 
 def test_kto_matches_trl_ktotrainer(tmp_path):
     "trl 1.16 KTOTrainer.compute_loss on one batch = kto_loss with KL from TRL's mismatched pairs (fp32, 1e-5)"
-    trl = pytest.importorskip('trl')
     from datasets import Dataset
     tok, pol, ref = _pair_models()
     # make the KL term positive (it is clamped at 0) so that its use is checked: the policy is the reference with a nudged head
     pol = copy.deepcopy(ref)
     with torch.no_grad(): pol.lm_head.weight.add_(0.3 * torch.randn_like(pol.lm_head.weight))
     ds = Dataset.from_dict(dict(prompt=PROMPTS, completion=[' c d', ' h h', ' a b c', ' c c'], label=[True, False, True, False]))
-    args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], beta=0.1, use_cpu=True, bf16=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        tr = trl.KTOTrainer(model=pol, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    b = _trl_batch(tr)
+    tr, b = _trl_batch('KTO', pol, ref, tok, ds, tmp_path)
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, b).item()
         cols = (b['input_ids'], b['attention_mask'], b['completion_mask'])

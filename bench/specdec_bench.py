@@ -1,12 +1,16 @@
 """Decoding speed of llmlit.specdec on one GPU: transformers' generate, our CUDA-graph autoregressive loop, our speculative loop.
 
-GPU (about 2 min on an H100):  PYTHONPATH=. python3 bench/specdec_bench.py
-CPU smoke test (seconds):      PYTHONPATH=. python bench/specdec_bench.py --tiny
+GPU (about 2 min on an H100, plus the compiled arms' autotuning):  PYTHONPATH=. python3 bench/specdec_bench.py
+CPU smoke test (about a minute, most of it compiling):              PYTHONPATH=. python bench/specdec_bench.py --tiny
 
 A random pair has near-zero acceptance, so the pair is trained first, briefly, on one synthetic Markov corpus (llmlit.train):
 the target is `model_from_preset('llama-124m')`, the draft a 2-layer Llama of width 256 with the same vocabulary.
 All loops decode greedily (temperature 0) at batch 1, so every loop must emit the same tokens up to bf16 ties; sampled
-runs (temperature 1, SpS and Cactus delta=1) are timed as well. The GPU run writes results/specdec/bench.json.
+runs (temperature 1, SpS and Cactus delta=1) are timed as well. Last come the compiled arms (--compile-arms): our AR loop
+with its StaticLlama step under torch.compile, `in_graph` (mode max-autotune-no-cudagraphs, the compiled kernels captured
+in our own CUDA graph) and `cg` (mode max-autotune: inductor's CUDA graphs, our loop plain), each with its ratio to our
+loop of the same run; the other numbers are printed before they start, so a time limit hit while autotuning loses only
+them. The GPU run writes results/specdec/bench.json.
 """
 import argparse, time
 import torch
@@ -17,6 +21,7 @@ from llmlit.specdec import Cactus, SpS, StaticLlama, decode_static, spec_decode_
 from llmlit.train import TrainConfig, train_causal_lm
 
 HBM = {'H100': 3.35e12, 'H200': 4.8e12}   # bytes/s of HBM bandwidth, by GPU name
+COMPILED = {'in_graph': ('max-autotune-no-cudagraphs', True), 'cg': ('max-autotune', False)}   # arm: (compile mode, our graph)
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,6 +31,8 @@ def parse():
     ap.add_argument('--train-steps', type=int, default=None, help='steps for each of target and draft (default 300; tiny 10)')
     ap.add_argument('--corpus-vocab', type=int, default=512, help='tokens the Markov corpus uses (model vocabularies are larger)')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--compile-arms', nargs='*', default=list(COMPILED), choices=list(COMPILED),
+                    help='compiled decode-step arms to time (none: give the flag alone)')
     return ap.parse_args()
 
 def tok_s(n, s): return n / s if s > 0 else float('nan')
@@ -49,6 +56,27 @@ def graphed(fn, res, *args, **kw):
         if GRAPH['use'] is False: raise
         res['graph_error'] = f'{type(e).__name__}: {e}'[:300]; GRAPH['use'] = False
         return fn(*args, graph=False, **kw)
+
+def time_compiled(res, name, mk, target, prompt, n_new, ar_out):
+    "Our AR loop with the decode step compiled as COMPILED[name] says; adds its tokens/s, ratio to our loop and agreement"
+    mode, ours = COMPILED[name]
+    ours = ours and prompt.is_cuda   # CUDA graphs exist on GPUs only
+    key = f'ar_compiled_{name}'
+    try:
+        dec = torch.compile(mk(target), mode=mode, dynamic=False, fullgraph=True)
+        t0 = time.perf_counter(); decode_static(dec, prompt, 8, graph=ours)      # compile and autotune both shapes
+        res[f'{key}_compile_s'] = time.perf_counter() - t0
+        out, s = decode_static(dec, prompt, n_new, graph=ours)
+    except Exception as e:
+        res[f'{key}_error'] = f'{type(e).__name__}: {e}'[:300]; return
+    finally: torch._dynamo.reset()
+    res[f'{key}_tok_s'] = tok_s(n_new - 1, s)
+    res[f'{key}_vs_ar'] = res[f'{key}_tok_s'] / res['ar_tok_s']
+    res[f'{key}_matches_ar_tokens'] = (out == ar_out).float().mean().item()
+
+def show(res):
+    "Print a result dict, one key per line"
+    for k_, v in res.items(): print(f'{k_:>36}: {v:.4g}' if isinstance(v, float) else f'{k_:>36}: {v}', flush=True)
 
 def main():
     a = parse()
@@ -110,7 +138,10 @@ def main():
     res['cuda_graphs'] = dev.type == 'cuda' and GRAPH['use'] is not False
     res['goal_ar_10x_hf'] = bool(res['ar_vs_hf'] >= 10)
     res['goal_spec_1p8x_ar'] = bool(best >= 1.8)
-    for k_, v in res.items(): print(f'{k_:>36}: {v:.4g}' if isinstance(v, float) else f'{k_:>36}: {v}')
+    show(res)
+    n0 = len(res)
+    for name in a.compile_arms: time_compiled(res, name, mk, target, prompt, n_new, ar_out)
+    show(dict(list(res.items())[n0:]))
     if not a.tiny: save_result(res, 'specdec', 'bench', params=vars(a), seed=a.seed, device=str(dev))   # the CPU smoke test only prints
 
 if __name__ == '__main__':

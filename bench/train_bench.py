@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmlit.models import model_from_preset
-from llmlit.train import TrainConfig, train_causal_lm, flops_per_token, lr_at, no_decay_names, peak_flops
+from llmlit.train import TrainConfig, train_causal_lm, flops_per_token, lr_at, no_decay_names, peak_flops, _param_groups
 
 PEAK_DENSE, PEAK_MEASURED_H200 = 989e12, 792e12
 SDPA = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION)
@@ -91,20 +91,19 @@ def train_config(a, spec, log_every):
                        weight_decay=0.1, grad_clip=1.0, log_every=log_every, compile=not a.no_compile, device=a.device,
                        precision='bf16' if a.device == 'cuda' else 'fp32', peak_flops=PEAK_DENSE)
 
-def decay_groups(named, no_decay):
-    "AdamW groups: weight decay 0.1 on the (name, param) pairs not in `no_decay`, none on the rest"
-    return [dict(params=[p for n, p in named if n not in no_decay], weight_decay=0.1),
-            dict(params=[p for n, p in named if n in no_decay], weight_decay=0.0)]
-
 def run_baseline(a, dev, spec):
     "The plain loop (optionally bf16 weights with fp32 masters); returns tokens/s over the timed steps and the losses"
     model, B, cfg = make_model(a).to(dev).train(), spec['batch'], train_config(a, spec, spec.get('log', 1))
-    get_batch, named = make_batches(a, model.config.vocab_size), list(model.named_parameters())
-    master = [(n, p.detach().clone()) for n, p in named] if spec.get('bf16') else named
-    if spec.get('bf16'): model.to(torch.bfloat16)
+    get_batch = make_batches(a, model.config.vocab_size)
+    groups = _param_groups(model, no_decay_names(model), cfg.weight_decay)   # llmlit.train's AdamW groups
+    params = [p for g in groups for p in g['params']]
+    if spec.get('bf16'):   # the optimizer steps fp32 copies; .to() keeps the Parameter objects, now bf16
+        master = {p: p.detach().clone() for p in params}
+        groups = [dict(g, params=[master[p] for p in g['params']]) for g in groups]
+        model.to(torch.bfloat16)
+    weights = [p for g in groups for p in g['params']]
     fwd = model if a.no_compile else torch.compile(model)
-    opt = torch.optim.AdamW(decay_groups(master, no_decay_names(model)), lr=cfg.lr, betas=cfg.betas, fused=dev.type == 'cuda')
-    params, weights = [p for _, p in named], [m for _, m in master]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=dev.type == 'cuda')
     losses, pending, t0 = [], [], None
     for step in range(cfg.steps):
         if step == a.warmup: _sync(dev); t0 = time.perf_counter()

@@ -9,12 +9,13 @@ __all__ = ['RULES', 'GeneralSpS', 'SpS', 'binary_kl', 'cactus_gamma', 'cactus_ta
            'TopKAccept', 'get_rule', 'warp_probs', 'sample_from', 'verify_block', 'exact_output_law', 'kl_div',
            'accept_rate', 'check_pair', 'SpecOutput', 'speculative_generate', 'expected_tokens_per_call',
            'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'ExitAdapter',
-           'fit_exit_adapter', 'exit_agreement', 'save_exit_adapter', 'load_exit_adapter', 'BigramLM', 'markov_table',
-           'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']
+           'fit_exit_adapter', 'exit_agreement', 'save_exit_adapter', 'load_exit_adapter', 'ExitBlock',
+           'train_exit_block', 'BigramLM', 'markov_table', 'make_markov_corpus', 'markov_batches', 'sample_corpus',
+           'chain_nll']
 
 # %% ../nbs/30_specdec.ipynb #953ee063
 import copy, inspect, json, math, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -25,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .core import preset_config
 from .data import BigramLM, markov_table, make_markov_corpus, markov_batches, sample_corpus, chain_nll
 from .models import model_device, require_arch
+from .train import TrainConfig, train_causal_lm
 _all_ = ['BigramLM', 'markov_table', 'make_markov_corpus', 'markov_batches', 'sample_corpus', 'chain_nll']   # re-exported from llmlit.data
 
 # %% ../nbs/30_specdec.ipynb #df9a7fc8
@@ -402,7 +404,7 @@ def acceptance_stats(out):
 # %% ../nbs/30_specdec.ipynb #755a06f0
 def early_exit_draft(model, # a Hugging Face decoder-only LM with `.model.layers` (Llama, Qwen2, Mistral, ...)
                      n_layers, # layers kept, 1 <= n_layers <= the model's depth
-                     adapter=None): # an `ExitAdapter` fitted for this depth, or the path `save_exit_adapter` wrote
+                     adapter=None): # an `ExitAdapter` or `ExitBlock` for this depth, or the path `save_exit_adapter` wrote
     "A self-draft: the first `n_layers` of `model` plus its final norm (and `adapter`) and LM head, sharing every weight"
     layers = getattr(getattr(model, 'model', None), 'layers', None)
     if layers is None: raise ValueError(f"early_exit_draft needs a decoder with .model.layers; got {type(model).__name__}")
@@ -414,7 +416,7 @@ def early_exit_draft(model, # a Hugging Face decoder-only LM with `.model.layers
     inner.layers, inner.config = nn.ModuleList(list(layers[:n_layers])), cfg
     view = copy.copy(model); view._modules = dict(view._modules)
     view.model, view.config = inner, cfg
-    return view if adapter is None else _attach_adapter(view, adapter)
+    return view if adapter is None else _attach_adapter(view, adapter, model)
 
 # %% ../nbs/30_specdec.ipynb #57e41a9d
 class StaticLlama(nn.Module):
@@ -604,13 +606,17 @@ class _SubsetHead(nn.Module):
         out[..., self.vocab] = z @ self.rows.T
         return out
 
-def _attach_adapter(view, adapter):
-    "Put a fitted `adapter` (module or saved path) on an early-exit view in place"
-    if not isinstance(adapter, ExitAdapter): adapter = load_exit_adapter(adapter)
+def _attach_adapter(view, adapter, model):
+    "Put a fitted `adapter` (ExitAdapter, ExitBlock or saved path) on an early-exit view of `model` in place"
+    if not isinstance(adapter, nn.Module): adapter = load_exit_adapter(adapter, model)
     L = len(view.model.layers)
     if adapter.n_layers != L: raise ValueError(f"adapter was fitted for n_layers={adapter.n_layers}, the draft has {L}")
     adapter = adapter.to(next(view.parameters()))
-    view.model.norm = _ExitNorm(view.model.norm, adapter)
+    if isinstance(adapter, ExitAdapter): view.model.norm = _ExitNorm(view.model.norm, adapter)
+    else:   # an ExitBlock: one more layer, with its own cache slot, and its own final norm
+        view.model.layers.append(adapter.layer); view.model.norm = adapter.norm
+        view.config.num_hidden_layers = L + 1
+        if adapter.layer_type: view.config.layer_types = [*view.config.layer_types, adapter.layer_type]
     if adapter.vocab is not None: view.lm_head = _SubsetHead(view.lm_head, adapter.vocab)
     return view
 
@@ -675,29 +681,96 @@ def exit_agreement(model, # the full model
 
 
 # %% ../nbs/30_specdec.ipynb #144b5d5f
-def save_exit_adapter(adapter, # an ExitAdapter from `fit_exit_adapter`
+def save_exit_adapter(adapter, # an ExitAdapter from `fit_exit_adapter` or an ExitBlock from `train_exit_block`
                       path, # file stem: writes path.safetensors (tensors) and path.json (settings); e.g. beside the model
                       **info): # extra JSON-able facts to record (fit tokens, agreement, ...)
     "Save `adapter` as safetensors + JSON (no pickle); returns the .safetensors path"
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    ts = {'weight': adapter.proj.weight, 'bias': adapter.proj.bias}
+    block = not isinstance(adapter, ExitAdapter)   # an ExitBlock
+    ts = dict(adapter.state_dict()) if block else {'weight': adapter.proj.weight, 'bias': adapter.proj.bias}
     if adapter.vocab is not None: ts['vocab'] = adapter.vocab
     save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous() for k, v in ts.items()},
               str(p.with_suffix('.safetensors')))
-    p.with_suffix('.json').write_text(json.dumps(dict(kind='exit_adapter', n_layers=adapter.n_layers,
-                                                       hidden_size=adapter.proj.in_features, **info), indent=1))
+    meta = dict(kind='exit_block', layer_type=adapter.layer_type) if block else dict(kind='exit_adapter')
+    p.with_suffix('.json').write_text(json.dumps(dict(**meta, n_layers=adapter.n_layers,
+                                                       hidden_size=adapter.norm.weight.shape[0] if block else adapter.proj.in_features, **info), indent=1))
     return p.with_suffix('.safetensors')
 
-def load_exit_adapter(path): # the stem (or either file) written by `save_exit_adapter`
-    "An ExitAdapter from its safetensors + JSON pair"
+def load_exit_adapter(path, # the stem (or either file) written by `save_exit_adapter`
+                      model=None): # the full model an ExitBlock was trained on (it gives the layer's class and shapes)
+    "An ExitAdapter or ExitBlock from its safetensors + JSON pair"
     p = Path(path)
     if p.suffix in ('.json', '.safetensors'): p = p.with_suffix('')
     js, st = Path(f'{p}.json'), Path(f'{p}.safetensors')
     if not (js.exists() and st.exists()): raise ValueError(f"adapter={str(path)!r}: expected {js.name} and {st.name} from save_exit_adapter")
     meta = json.loads(js.read_text())
-    if meta.get('kind') != 'exit_adapter': raise ValueError(f"{js} is not an exit adapter (kind={meta.get('kind')!r})")
+    if meta.get('kind') not in ('exit_adapter', 'exit_block'): raise ValueError(f"{js} is not an exit adapter (kind={meta.get('kind')!r})")
     ts = load_file(str(st))
+    if meta['kind'] == 'exit_block':
+        if model is None: raise ValueError(f"{js} holds an ExitBlock: pass the model it was trained on, load_exit_adapter(path, model)")
+        a = ExitBlock(model, meta['n_layers'], ts.pop('vocab', None))
+        a.load_state_dict(ts)   # copies cast to the model's dtype
+        return a
     a = ExitAdapter(meta['hidden_size'], meta['n_layers'], ts.get('vocab'))
     with torch.no_grad(): a.proj.weight.copy_(ts['weight']); a.proj.bias.copy_(ts['bias'])
     return a
 
+
+# %% ../nbs/30_specdec.ipynb #03e68eea
+class ExitBlock(nn.Module):
+    "A trained exit: a new decoder layer (started as a copy of layer `n_layers`) and its own final norm, after the first `n_layers` layers"
+    def __init__(self, model, # the full model: its layer `n_layers` (0-based) and final norm are the starting point
+                 n_layers, # the exit depth: the block reads the state after this many layers
+                 vocab=None): # long tensor of token ids the draft may propose; None: the whole vocabulary
+        super().__init__()
+        layers = getattr(getattr(model, 'model', None), 'layers', None)
+        if layers is None: raise ValueError(f"ExitBlock needs a decoder with .model.layers; got {type(model).__name__}")
+        if not (isinstance(n_layers, int) and not isinstance(n_layers, bool) and 1 <= n_layers < len(layers)):
+            raise ValueError(f"n_layers={n_layers!r} must be an integer in [1, {len(layers) - 1}]")
+        self.n_layers = n_layers
+        self.layer, self.norm = copy.deepcopy(layers[n_layers]), copy.deepcopy(model.model.norm)   # its layer_idx is its cache slot in the draft
+        self.layer.requires_grad_(True); self.norm.requires_grad_(True)
+        types = getattr(model.config, 'layer_types', None)
+        self.layer_type = types[n_layers] if types else None
+        self.config = copy.deepcopy(model.config); self.config.num_hidden_layers = 1   # what the training loop reads (context, FLOPs)
+        self.register_buffer('vocab', None if vocab is None else torch.as_tensor(vocab, dtype=torch.long), persistent=False)
+    def forward(self, x, position_embeddings): # x (B, T, d): states after `n_layers` layers
+        "The block's final-normed state (B, T, d), the input of the LM head"
+        return self.norm(self.layer(x, position_embeddings=position_embeddings))
+
+@torch.no_grad()
+def _block_targets(model, n_layers, input_ids, vocab, batch_rows):
+    "States after `n_layers` layers (B, T, d) and the full model's log-probabilities over `vocab` (B, T, V'), stored in half precision"
+    hs, lps = [], []
+    for i in range(0, len(input_ids), batch_rows):
+        h = model.model(input_ids[i:i + batch_rows], output_hidden_states=True).hidden_states   # h[-1]: final-normed
+        lg = model.lm_head(h[-1]).float()
+        if _bad_logits(lg).any(): raise ValueError(f"the full model returned logits with NaN, +inf or only -inf on input_ids rows {i} to {i + len(lg) - 1}")
+        hs.append(h[n_layers]); lps.append(F.log_softmax(lg if vocab is None else lg[..., vocab], -1).half())
+    return torch.cat(hs), torch.cat(lps)
+
+def train_exit_block(model, # a decoder with `.model.layers`, `.model.norm`, `.model.rotary_emb` and `.lm_head` (Llama, Qwen2, Mistral, ...)
+                     n_layers, # exit depth: the block follows the first `n_layers` layers
+                     input_ids, # (B, T) token ids of text to distil on, teacher-forced
+                     vocab=None, # long tensor of the token ids the draft's head keeps (e.g. a fitted ExitAdapter's `vocab`); None: all
+                     cfg=None, # a TrainConfig; default: 200 steps of 8 rows at lr 2e-3, no weight decay, on the model's device
+                     batch_rows=4): # rows per forward pass of the full model
+    "Distil a new decoder layer on the first `n_layers` layers to the full model's next-token law; returns (ExitBlock, TrainResult)"
+    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.numel() > 0):
+        raise ValueError(f"input_ids must be a non-empty (B, T) tensor; got {getattr(input_ids, 'shape', type(input_ids))}")
+    dev = model_device(model)
+    blk = ExitBlock(model, n_layers, vocab)
+    cfg = cfg or TrainConfig(steps=200, lr=2e-3, batch_size=8, warmup=10, weight_decay=0.0)
+    cfg = replace(cfg, seq_len=input_ids.shape[1], device=cfg.device or dev.type)
+    states, targets = _block_targets(model, n_layers, input_ids.to(dev), blk.vocab, batch_rows)   # (B, T, d), (B, T, V')
+    rows = model.lm_head.weight.detach() if vocab is None else model.lm_head.weight.detach()[blk.vocab]   # (V', d), frozen
+    rope, pos = model.model.rotary_emb, torch.arange(input_ids.shape[1], device=dev)
+    def get_batch(step, B):
+        i = torch.randint(len(states), (B,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        return dict(states=states[i], targets=targets[i])
+    def kl_loss(m, b):   # summed KL(full || draft) over positions, and the position count
+        x, lt = b['states'], b['targets'].float()
+        lq = F.log_softmax((m(x, rope(x, pos.expand(len(x), -1))) @ rows.T).float(), -1)
+        return (lt.exp() * (lt - lq)).sum(), lt[..., 0].numel()
+    res = train_causal_lm(blk, get_batch, cfg, loss_fn=kl_loss)
+    return blk.eval(), res

@@ -10,7 +10,9 @@ from llmlit.models import tiny_llama, word_tokenizer
 from llmlit.specdec import (RULES, SpS, Cactus, TypicalAcceptance, Interp, TopKAccept, get_rule, cactus_gamma, cactus_target, verify_block, exact_output_law,
                             kl_div, accept_rate, warp_probs, sample_from, speculative_generate, acceptance_stats,
                             expected_tokens_per_call, early_exit_draft, StaticLlama, decode_static, spec_decode_static,
-                            ExitAdapter, fit_exit_adapter, exit_agreement, save_exit_adapter, load_exit_adapter)
+                            ExitAdapter, fit_exit_adapter, exit_agreement, save_exit_adapter, load_exit_adapter,
+                            ExitBlock, train_exit_block)
+from llmlit.train import TrainConfig
 
 D = torch.float64
 ALPHA = 1e-3   # significance of every chi-square test below
@@ -518,3 +520,70 @@ def test_exit_adapter_bad_input(tmp_path):
     (tmp_path/'x.json').write_text('{"kind": "lora"}'); (tmp_path/'x.safetensors').write_bytes(b'')
     with pytest.raises(ValueError, match='not an exit adapter'): load_exit_adapter(tmp_path/'x')
     with pytest.raises(ValueError, match='fitted for n_layers=2'): early_exit_draft(m, 1, adapter=ExitAdapter(64, 2))
+
+
+def tiny_qwen2(n_layers=4, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+@pytest.mark.parametrize('arch', ['llama', 'qwen2'])
+def test_exit_block_before_the_last_layer_starts_as_the_full_model(arch):
+    m = deep_tiny() if arch == 'llama' else tiny_qwen2()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(): assert torch.equal(early_exit_draft(m, 3, adapter=ExitBlock(m, 3))(ids).logits, m(ids).logits)
+    d = early_exit_draft(m, 1, adapter=ExitBlock(m, 1))            # 2 layers: the first one and the block, each with its cache slot
+    assert len(d.model.layers) == 2 and d.config.num_hidden_layers == 2 and len(m.model.layers) == 4
+    ref = decode_static(StaticLlama(m, 40, 2), ids, 12, graph=False)[0]
+    assert torch.equal(spec_decode_static(StaticLlama(m, 40, 2), StaticLlama(d, 40, 2), ids, 12, k=3, graph=False)[0].sequences, ref)
+    assert torch.equal(speculative_generate(m, d, ids, SpS(), k=3, max_new_tokens=12, temperature=0).sequences, ref)
+
+def peaked_deep_tiny():
+    torch.manual_seed(4)
+    return tiny_llama(vocab_size=64, num_hidden_layers=4, num_key_value_heads=2, initializer_range=0.1).eval()   # a law far from uniform
+
+@torch.no_grad()
+def held_out_kl(model, draft, ids):
+    "Mean KL(full || draft) of the next-token laws over the positions of `ids`"
+    lp, lq = model(ids).logits.log_softmax(-1), draft(ids).logits.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+def test_trained_block_lowers_held_out_kl_and_leaves_the_model_alone():
+    m = peaked_deep_tiny()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    fit_ids, held = torch.randint(0, 64, (256, 24), generator=g), torch.randint(0, 64, (8, 24), generator=g)
+    blk, res = train_exit_block(m, 1, fit_ids, cfg=TrainConfig(steps=150, lr=5e-3, batch_size=8, warmup=5, weight_decay=0.0, log_every=5))
+    kl_init = held_out_kl(m, early_exit_draft(m, 1, adapter=ExitBlock(m, 1)), held)
+    kl_raw, kl_blk = held_out_kl(m, early_exit_draft(m, 1), held), held_out_kl(m, early_exit_draft(m, 1, adapter=blk), held)
+    assert kl_blk < 0.5 * min(kl_init, kl_raw), (kl_raw, kl_init, kl_blk)
+    assert res.losses[-1] < res.losses[0] and len(res.losses) == 150
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items()) and all(p.grad is None for p in m.parameters())
+
+def test_trained_block_with_a_subset_head_proposes_only_kept_tokens(tmp_path):
+    m = peaked_deep_tiny()
+    fit_ids = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(8))
+    vocab = torch.arange(0, 64, 4)
+    blk, _ = train_exit_block(m, 2, fit_ids, vocab=vocab, cfg=TrainConfig(steps=5, batch_size=4, warmup=1))
+    assert torch.equal(blk.vocab, vocab)
+    d = early_exit_draft(m, 2, adapter=save_exit_adapter(blk, tmp_path/'block-L2'))   # loaded by path, with the model
+    with torch.no_grad(): lg = d(fit_ids[:2]).logits
+    assert torch.isinf(lg[..., [t for t in range(64) if t % 4]]).all() and lg[..., vocab].isfinite().all()
+    ids = fit_ids[:1, :6]
+    ref = decode_static(StaticLlama(m, 40), ids, 16, graph=False)[0]
+    assert torch.equal(spec_decode_static(StaticLlama(m, 40), StaticLlama(d, 40), ids, 16, k=2, graph=False)[0].sequences, ref)
+
+def test_exit_block_bad_input(tmp_path):
+    m = deep_tiny()
+    ids = torch.randint(0, 64, (2, 8))
+    for n in (0, 4, True, 1.0):
+        with pytest.raises(ValueError, match='n_layers='): train_exit_block(m, n, ids)
+    with pytest.raises(ValueError, match='input_ids'): train_exit_block(m, 1, ids[0])
+    with pytest.raises(ValueError, match='needs a decoder'): ExitBlock(BigramLM(torch.zeros(4, 4)), 1)
+    with pytest.raises(ValueError, match='fitted for n_layers=2'): early_exit_draft(m, 1, adapter=ExitBlock(m, 2))
+    st = save_exit_adapter(ExitBlock(m, 2), tmp_path/'b')
+    with pytest.raises(ValueError, match='pass the model'): load_exit_adapter(st)
+    bad = copy.deepcopy(m)
+    with torch.no_grad(): bad.model.layers[3].mlp.down_proj.weight[0, 0] = float('nan')
+    with pytest.raises(ValueError, match='full model returned logits with NaN'): train_exit_block(bad, 1, ids)

@@ -740,7 +740,7 @@ class ExitBlock(nn.Module):
 
 @torch.no_grad()
 def _block_targets(model, n_layers, input_ids, vocab, batch_rows):
-    "States after `n_layers` layers (B, T, d) and the full model's log-probabilities over `vocab` (B, T, V'), stored in half precision"
+    "States after `n_layers` layers (B, T, d) and the full model's log-probabilities over `vocab` (B, T, V', half precision)"
     hs, lps = [], []
     for i in range(0, len(input_ids), batch_rows):
         h = model.model(input_ids[i:i + batch_rows], output_hidden_states=True).hidden_states   # h[-1]: final-normed
@@ -759,7 +759,7 @@ def train_exit_block(model, # a decoder with `.model.layers`, `.model.norm`, `.m
     if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.numel() > 0):
         raise ValueError(f"input_ids must be a non-empty (B, T) tensor; got {getattr(input_ids, 'shape', type(input_ids))}")
     dev = model_device(model)
-    blk = ExitBlock(model, n_layers, vocab)
+    blk = ExitBlock(model, n_layers, vocab).to(dev)
     cfg = cfg or TrainConfig(steps=200, lr=2e-3, batch_size=8, warmup=10, weight_decay=0.0)
     cfg = replace(cfg, seq_len=input_ids.shape[1], device=cfg.device or dev.type)
     states, targets = _block_targets(model, n_layers, input_ids.to(dev), blk.vocab, batch_rows)   # (B, T, d), (B, T, V')

